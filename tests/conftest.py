@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random Llama models written by transformers, the real SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def hf_llama(
+    n_kv_heads: int = 2,
+    tied: bool = False,
+    rope_scaling: dict | None = None,
+    n_heads: int = 8,
+    vocab_size: int = 320,
+    seed: int = 0,
+    **overrides,
+):
+    """A randomly initialised transformers LlamaForCausalLM (float32), the independent reference."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads, vocab_size=vocab_size, rms_norm_eps=1e-5,
+        max_position_embeddings=256, tie_word_embeddings=tied, rope_theta=500000.0,
+        rope_scaling=rope_scaling, **overrides,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # larger than the default init so that every weight matters
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.dim() == 2 else p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture
+def hf_dir(tmp_path: Path) -> Path:
+    model = hf_llama()
+    model.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from herd.checkpoint.embedded import embedded_path
+
+    return embedded_path("smollm2")
