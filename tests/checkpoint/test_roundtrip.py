@@ -103,3 +103,17 @@ def test_split_dims():
     assert split_dim("layers.3.attention.wq.weight") == 0
     assert split_dim("layers.3.feed_forward.w2.weight") == 1
     assert split_dim("layers.3.ffn_norm.weight") is None
+
+
+@pytest.mark.parametrize("fmt,dst", [("hf", "hf"), ("meta", "meta"), ("gguf", "m.gguf")])
+def test_loaded_weights_are_writable_and_never_write_back(tmp_path, fmt, dst):
+    """Loading memory-maps the files; training must be able to update parameters in place
+    without touching the checkpoint on disk."""
+    herd.save_model(herd.Transformer(herd.preset("debug")), tmp_path / dst, fmt, dtype="f32")
+    model = herd.load_model(tmp_path / dst)
+    before = model.layers["0"].feed_forward.w1.weight.clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert torch.equal(model.layers["0"].feed_forward.w1.weight, before + 1.0)
+    assert torch.equal(herd.load_model(tmp_path / dst).layers["0"].feed_forward.w1.weight, before)

@@ -62,7 +62,8 @@ class GGUFReader:
     def __init__(self, path: Path):
         self.path = path
         try:
-            self._reader = gguf.GGUFReader(str(path))
+            # Copy-on-write map: float tensors become parameters without a copy, and stay writable.
+            self._reader = gguf.GGUFReader(str(path), mode="c")
         except Exception as e:  # truncated files surface as ValueError/IndexError/struct errors
             raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") \
                 from e
@@ -193,8 +194,7 @@ class GGUFReader:
             raise CheckpointError(
                 f"{self.path}: tensor {tensor.name!r} holds {values.size} values, not {shape}"
             ) from e
-        # F32 data comes back as a read-only view of the memory map: copy it out once.
-        return torch.from_numpy(values if values.flags.writeable else values.copy())
+        return torch.from_numpy(values)
 
 
 # ---------------------------------------------------------------- writing
