@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import torch
 
 from herd.checkpoint import gguf_file, hf, meta
-from herd.checkpoint.embedded import EMBEDDED, embedded_path
 from herd.checkpoint.base import CheckpointError, CheckpointReader, format_names
+from herd.checkpoint.embedded import EMBEDDED, embedded_path
 from herd.config import ModelConfig
 from herd.model import Transformer
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,17 @@ class CheckpointReader(Protocol):
     def file_of(self, name: str) -> Path: ...
 
     def read(self, name: str) -> torch.Tensor: ...
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a checkpoint's metadata file, or a CheckpointError naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read {path.name}: {e}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 LAYER = "{}"  # stands for the layer index in name tables

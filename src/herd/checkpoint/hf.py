@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from herd.checkpoint.base import CheckpointError, NameTable
+from herd.checkpoint.base import CheckpointError, NameTable, read_json
 from herd.config import ModelConfig, RopeScaling
 
 CONFIG_FILE = "config.json"
@@ -174,10 +174,7 @@ class HFReader:
     def __init__(self, path: Path):
         self.path = path
         config_path = path / CONFIG_FILE
-        try:
-            raw = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{config_path}: cannot read config.json: {e}") from e
+        raw = read_json(config_path)
         self.config = config_from_hf(raw, config_path)
         self._declared_dtype = _DTYPE_NAMES.get(raw.get("dtype") or raw.get("torch_dtype"))
         self._file_of = self._map_files()  # HF name -> file
@@ -196,10 +193,9 @@ class HFReader:
     def _map_files(self) -> dict[str, Path]:
         index_path = self.path / INDEX_FILE
         if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index_path}: not a valid safetensors index: {e}") from e
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: not a safetensors index (no weight_map)")
             files = {name: self.path / fname for name, fname in weight_map.items()}
             for missing in sorted({f for f in files.values() if not f.exists()}):
                 raise CheckpointError(f"{index_path}: lists shard {missing.name}, which is missing")

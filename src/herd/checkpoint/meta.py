@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from herd.checkpoint.base import CheckpointError
+from herd.checkpoint.base import CheckpointError, read_json
 from herd.config import PRESETS, ModelConfig, RopeScaling
 from herd.config.model import ffn_hidden_dim_from_rule
 
@@ -146,10 +146,7 @@ class MetaReader:
     def __init__(self, path: Path):
         self.path = path
         params_path = path / PARAMS_FILE
-        try:
-            params = json.loads(params_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{params_path}: cannot read params.json: {e}") from e
+        params = read_json(params_path)
         self._shard_files = sorted(path.glob(SHARD_GLOB))
         if not self._shard_files:
             raise CheckpointError(f"{path}: has params.json but no {SHARD_GLOB} files")
