@@ -209,7 +209,7 @@ def _to_numpy(tensor: torch.Tensor, qtype: QType) -> np.ndarray:
     return f32 if qtype == QType.F32 else gguf.quants.quantize(f32, qtype)
 
 
-def _weight_type(name: str, tensor: torch.Tensor, wanted: QType) -> QType:
+def _weight_type(tensor: torch.Tensor, wanted: QType) -> QType:
     # As llama.cpp does: norms and vectors stay F32; block quants need rows of whole blocks.
     if tensor.dim() < 2:
         return QType.F32
@@ -262,7 +262,7 @@ def save_gguf(
         if meta_name == "output.weight" and config.tie_word_embeddings:
             continue
         tensor = state[meta_name].detach().cpu()
-        wtype = _weight_type(meta_name, tensor, qtype)
+        wtype = _weight_type(tensor, qtype)
         data = _to_numpy(tensor, wtype)
         raw = None if wtype in (QType.F32, QType.F16) else wtype
         writer.add_tensor(NAMES.to_other(meta_name), data, raw_dtype=raw)
