@@ -134,15 +134,3 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a GGUF file"):
         herd.load_model(tmp_path / "notes.txt")
 
-
-def test_convert_refuses_to_overwrite(tmp_path, hf_dir):
-    from typer.testing import CliRunner
-
-    from herd.cli.main import app
-
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("precious")
-    result = CliRunner().invoke(app, ["convert", str(hf_dir), str(tmp_path / "out"), "--to", "meta"])
-    assert result.exit_code == 1
-    assert "already exists" in result.output
-    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"

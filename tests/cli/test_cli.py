@@ -47,3 +47,12 @@ def test_convert_dtype_and_bad_arguments(tmp_path, hf_dir):
     assert result.exit_code == 1 and "choose one of hf, meta, gguf" in result.output
     result = runner.invoke(app, ["inspect", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "no such file" in result.output
+
+
+def test_convert_refuses_to_overwrite(tmp_path, hf_dir):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    result = runner.invoke(app, ["convert", str(hf_dir), str(tmp_path / "out"), "--to", "meta"])
+    assert result.exit_code == 1
+    assert "already exists" in result.output
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"

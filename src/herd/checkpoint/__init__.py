@@ -76,9 +76,10 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return gguf_file.GGUFReader(ggufs[0])
+    found = format_names([p.name for p in path.iterdir()]) or "nothing"
     raise CheckpointError(
         f"{path}: not a checkpoint directory: expected config.json (Hugging Face), "
-        f"params.json (Meta) or a single .gguf file, found {format_names([p.name for p in path.iterdir()]) or 'nothing'}"
+        f"params.json (Meta) or a single .gguf file, found {found}"
     )
 
 

@@ -172,8 +172,7 @@ class MetaReader:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._shards[0]["tok_embeddings.weight"].dtype \
-            if "tok_embeddings.weight" in self._shards[0] else torch.bfloat16
+        return next(iter(self._shards[0].values())).dtype
 
     def names(self) -> list[str]:
         names = list(self._shards[0])
