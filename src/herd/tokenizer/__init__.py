@@ -1,0 +1,7 @@
+"""Tokenizers: the official Llama 3 tiktoken BPE, other Llama-family vocabularies (Hugging Face
+tokenizer.json, GGUF), streaming decoding and the chat formats."""
+
+from herd.tokenizer.base import StreamDecoder, Tokenizer
+from herd.tokenizer.llama3 import TiktokenTokenizer, llama3
+
+__all__ = ["StreamDecoder", "TiktokenTokenizer", "Tokenizer", "llama3"]

@@ -1,0 +1,175 @@
+"""The Llama 3 tokenizer: tiktoken BPE over the official 128,000 ranks plus 256 special tokens."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.resources
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import tiktoken
+
+from herd.tokenizer.base import Tokenizer
+
+# The official pre-tokenisation pattern (llama-models `tokenizer.py`).
+PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NUM_SPECIAL_TOKENS = 256
+NAMED_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message: the assistant waits for a tool result
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+    "<|image|>",  # 128011 in the text vocabulary, as llama-models has it
+)
+STOP_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
+
+# tiktoken's core is only safe on slices of at most 400k characters, and its BPE is quadratic
+# in the length of one pre-token, so the reference also cuts runs of more than 25k whitespace or
+# non-whitespace characters. The cut points change the ids, so herd cuts exactly where it does.
+MAX_ENCODE_CHARS = 400_000
+MAX_RUN_CHARS = 25_000
+_LONG_RUN = re.compile(
+    rf"(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}"
+)
+
+OFFICIAL_RANKS = ("llama_models.llama3", "tokenizer.model")
+
+
+def special_token_names(num_base: int) -> dict[str, int]:
+    """The 256 special tokens and their ids, which follow the base vocabulary."""
+    reserved = (
+        f"<|reserved_special_token_{i}|>"
+        for i in range(2, 2 + NUM_SPECIAL_TOKENS - len(NAMED_SPECIAL_TOKENS))
+    )
+    names = (*NAMED_SPECIAL_TOKENS, *reserved)
+    return {name: num_base + i for i, name in enumerate(names)}
+
+
+def load_ranks(path: str | Path) -> dict[bytes, int]:
+    """Read a tiktoken BPE file: one `base64(token) rank` pair per line."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path}: not a tiktoken BPE ranks file (binary content; a SentencePiece "
+            "tokenizer.model from Llama 1/2 is not supported, load its tokenizer.json instead)"
+        ) from None
+    ranks: dict[bytes, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise ValueError(
+                f"{path}:{number}: expected `<base64 token> <rank>`, got {line[:80]!r}"
+            ) from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1} without gaps or repeats")
+    return ranks
+
+
+def save_ranks(ranks: dict[bytes, int], path: str | Path) -> Path:
+    """Write ranks in the tiktoken BPE format (Meta's `tokenizer.model`)."""
+    path = Path(path)
+    lines = (f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=_rank))
+    path.write_text("".join(lines), encoding="ascii")
+    return path
+
+
+def _rank(item: tuple[bytes, int]) -> int:
+    return item[1]
+
+
+def split_long_runs(text: str) -> Iterator[str]:
+    """Cut `text` where the reference does: 400k-character slices, then within each slice
+    every run of whitespace or non-whitespace longer than 25k characters every 25k."""
+    for start in range(0, len(text), MAX_ENCODE_CHARS):
+        chunk = text[start:start + MAX_ENCODE_CHARS]
+        if len(chunk) <= MAX_RUN_CHARS:
+            yield chunk
+            continue
+        begin = 0
+        for run in _LONG_RUN.finditer(chunk):
+            for cut in range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS):
+                yield chunk[begin:cut]
+                begin = cut
+        yield chunk[begin:]
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken BPE with the Llama 3 pattern and special tokens."""
+
+    byte_level = True
+
+    def __init__(self, ranks: dict[bytes, int], name: str = "llama3"):
+        self.ranks = ranks
+        self.special_tokens = special_token_names(len(ranks))
+        self.vocab_size = len(ranks) + NUM_SPECIAL_TOKENS
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.stop_ids = tuple(self.special_tokens[t] for t in STOP_TOKENS)
+        self.encoding = tiktoken.Encoding(
+            name=name, pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
+        )
+        self._bytes = [b""] * self.vocab_size
+        for token, rank in ranks.items():
+            self._bytes[rank] = token
+        for text, token_id in self.special_tokens.items():
+            self._bytes[token_id] = text.encode()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TiktokenTokenizer:
+        return cls(load_ranks(path), name=Path(path).name)
+
+    def _encode(self, text: str, special: bool) -> list[int]:
+        if special:
+            encode = self.encoding.encode
+            allowed = "all"
+            return [i for piece in split_long_runs(text) for i in encode(piece, allowed_special=allowed)]
+        encode = self.encoding.encode_ordinary
+        if len(text) <= MAX_RUN_CHARS:
+            return encode(text)
+        return [i for piece in split_long_runs(text) for i in encode(piece)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.encoding.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id]
+
+
+def llama3() -> TiktokenTokenizer:
+    """The official Llama 3 tokenizer (128,256 ids), from the ranks file `llama-models` ships."""
+    global _LLAMA3
+    if _LLAMA3 is None:
+        package, name = OFFICIAL_RANKS
+        try:
+            resource = importlib.resources.files(package) / name
+        except ModuleNotFoundError:
+            raise RuntimeError(
+                "the Llama 3 tokenizer file ships in the `llama-models` package: "
+                "pip install llama-models"
+            ) from None
+        with importlib.resources.as_file(resource) as path:
+            _LLAMA3 = TiktokenTokenizer.from_file(path)
+    return _LLAMA3
+
+
+_LLAMA3: TiktokenTokenizer | None = None
