@@ -138,12 +138,12 @@ class WindowStreamDecoder(StreamDecoder):
         self._read = 0  # ids before it have had their text emitted
 
     def _delta(self, final: bool) -> str:
-        before = self._decode(self._ids[self._prefix:self._read])
-        after = self._decode(self._ids[self._prefix:])
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
         if len(after) <= len(before) or (after.endswith(REPLACEMENT_CHAR) and not final):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
-        return after[len(before):]
+        return after[len(before) :]
 
     def add(self, token_id: int) -> str:
         self._ids.append(token_id)

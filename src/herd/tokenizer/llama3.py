@@ -7,6 +7,7 @@ import binascii
 import importlib.resources
 import re
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 from pathlib import Path
 
 import tiktoken
@@ -40,9 +41,7 @@ STOP_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
 # non-whitespace characters. The cut points change the ids, so herd cuts exactly where it does.
 MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
-_LONG_RUN = re.compile(
-    rf"(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}"
-)
+_LONG_RUN = re.compile(rf"(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}")
 
 OFFICIAL_RANKS = ("llama_models.llama3", "tokenizer.model")
 
@@ -100,7 +99,7 @@ def split_long_runs(text: str) -> Iterator[str]:
     """Cut `text` where the reference does: 400k-character slices, then within each slice
     every run of whitespace or non-whitespace longer than 25k characters every 25k."""
     for start in range(0, len(text), MAX_ENCODE_CHARS):
-        chunk = text[start:start + MAX_ENCODE_CHARS]
+        chunk = text[start : start + MAX_ENCODE_CHARS]
         if len(chunk) <= MAX_RUN_CHARS:
             yield chunk
             continue
@@ -142,17 +141,30 @@ class TiktokenTokenizer(Tokenizer):
         if special:
             encode = self.encoding.encode
             allowed = "all"
-            return [i for piece in split_long_runs(text) for i in encode(piece, allowed_special=allowed)]
+            return [
+                i for piece in split_long_runs(text) for i in encode(piece, allowed_special=allowed)
+            ]
         encode = self.encoding.encode_ordinary
         if len(text) <= MAX_RUN_CHARS:
             return encode(text)
         return [i for piece in split_long_runs(text) for i in encode(piece)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.encoding.decode_bytes(ids).decode("utf-8", errors="replace")
+        try:
+            data = self.encoding.decode_bytes(ids)
+        except (KeyError, OverflowError, TypeError):
+            raise ValueError(_bad_ids(ids, self.vocab_size)) from None
+        return data.decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(_bad_ids([token_id], self.vocab_size))
         return self._bytes[token_id]
+
+
+def _bad_ids(ids: Sequence[int], vocab_size: int) -> str:
+    bad = [i for i in ids if not (isinstance(i, Integral) and 0 <= i < vocab_size)][:5]
+    return f"token ids {bad} are outside this tokenizer's vocabulary [0, {vocab_size})"
 
 
 def llama3() -> TiktokenTokenizer:

@@ -1,0 +1,25 @@
+"""Text that exercises a tokenizer: scripts, code, numbers, whitespace, emoji, special-token text."""
+
+CORPUS = [
+    "",
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog. It's 5 o'clock; we'll've been there.",
+    "  leading and trailing spaces  ",
+    "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n\n",
+    'for (int i = 0; i < 10; ++i) {\n\tprintf("%d\\n", i);\n}\r\n',
+    "大型语言模型是一种人工智能模型，能够理解和生成人类语言。",
+    "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。カタカナ",
+    "اللغة العربية هي لغة سامية، يتحدث بها أكثر من 400 مليون شخص.",
+    "हिन्दी भारत की एक आधिकारिक भाषा है। नमस्ते दुनिया",
+    "Привет, мир! Ελληνικά κείμενα. 한국어 텍스트입니다.",
+    "emoji 🎉🔥 family 👨‍👩‍👧‍👦 flags 🇫🇷🇯🇵 skin 👍🏽 keycap 1️⃣",
+    "3.14159265358979 1234567890 1,000,000 -42 0x1F 1e-10 12345678901234567890",
+    "tabs\t\tand\nnewlines\n\n\n  \n\t mixed \u00a0nbsp\u2003em\u3000ideographic",
+    " " * 100 + "x" + "\n" * 50 + "y" + "\t" * 30,
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
+    "text <|eot_id|> more <|im_start|>system<|im_end|> <|endoftext|> </s> <s>",
+    "Mixed: café naïve résumé Straße ﬁ ǅ İstanbul ΣΑΣ",
+    "zero\u200bwidth\u200djoiner\ufeffbom and combining e\u0301 a\u0308",
+    "URL https://example.com/path?q=1&r=2#frag and email a.b@c.de",
+    "\x00\x01\x7f control characters \x1b[31m ansi",
+]
