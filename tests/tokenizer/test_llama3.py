@@ -121,3 +121,13 @@ def test_stream_decoder_holds_back_split_characters(tok):
     stream = tok.stream_decoder()
     assert stream.extend(pieces[:2]) == ""
     assert stream.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize("offset", [0, 1, 12_499, 12_500, 12_501, 24_999, 37_501, 374_999])
+@pytest.mark.parametrize("length", [25_000, 25_001, 50_001])
+@pytest.mark.parametrize("char", ["q", " "])
+def test_long_runs_anywhere_are_cut_like_the_reference(tok, reference, offset, length, char):
+    other = " " if char == "q" else "q"
+    filler = (other + "ab") * (offset // 3 + 1)
+    text = filler[:offset] + char * length + filler[: 400_000 - offset - length]
+    assert tok.encode(text) == reference.encode(text, bos=False, eos=False)

@@ -42,6 +42,10 @@ STOP_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
 MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 _LONG_RUN = re.compile(rf"(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}")
+# A run longer than MAX_RUN_CHARS covers a multiple of MAX_RUN_CHARS, and reaches at least
+# HALF_RUN characters to one side of it, so probing those points rules out long runs cheaply.
+_HALF_RUN = MAX_RUN_CHARS // 2
+_HALF_RUN_AT = re.compile(rf"\S{{{_HALF_RUN}}}|\s{{{_HALF_RUN}}}")
 
 OFFICIAL_RANKS = ("llama_models.llama3", "tokenizer.model")
 
@@ -103,12 +107,23 @@ def split_long_runs(text: str) -> Iterator[str]:
         if len(chunk) <= MAX_RUN_CHARS:
             yield chunk
             continue
+        if not _may_have_long_run(chunk):
+            yield chunk
+            continue
         begin = 0
         for run in _LONG_RUN.finditer(chunk):
             for cut in range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS):
                 yield chunk[begin:cut]
                 begin = cut
         yield chunk[begin:]
+
+
+def _may_have_long_run(chunk: str) -> bool:
+    probe = _HALF_RUN_AT.match
+    return any(
+        probe(chunk, at) or (at >= _HALF_RUN and probe(chunk, at - _HALF_RUN))
+        for at in range(0, len(chunk), MAX_RUN_CHARS)
+    )
 
 
 class TiktokenTokenizer(Tokenizer):
