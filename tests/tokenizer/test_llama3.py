@@ -131,3 +131,9 @@ def test_long_runs_anywhere_are_cut_like_the_reference(tok, reference, offset, l
     filler = (other + "ab") * (offset // 3 + 1)
     text = filler[:offset] + char * length + filler[: 400_000 - offset - length]
     assert tok.encode(text) == reference.encode(text, bos=False, eos=False)
+
+
+def test_lone_surrogates_are_repaired_like_the_reference(tok, reference):
+    text = "a\ud800b \udfff x " * 3
+    assert tok.encode(text) == reference.encode(text, bos=False, eos=False)
+    assert tok.encode(text * 20_000) == reference.encode(text * 20_000, bos=False, eos=False)

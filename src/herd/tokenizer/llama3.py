@@ -7,6 +7,7 @@ import binascii
 import importlib.resources
 import re
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from numbers import Integral
 from pathlib import Path
 
@@ -46,6 +47,8 @@ _LONG_RUN = re.compile(rf"(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{MAX_RUN_
 # HALF_RUN characters to one side of it, so probing those points rules out long runs cheaply.
 _HALF_RUN = MAX_RUN_CHARS // 2
 _HALF_RUN_AT = re.compile(rf"\S{{{_HALF_RUN}}}|\s{{{_HALF_RUN}}}")
+
+_NONE: frozenset[str] = frozenset()
 
 OFFICIAL_RANKS = ("llama_models.llama3", "tokenizer.model")
 
@@ -142,6 +145,7 @@ class TiktokenTokenizer(Tokenizer):
         self.encoding = tiktoken.Encoding(
             name=name, pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
         )
+        self._all_special = frozenset(self.special_tokens)
         self._bytes = [b""] * self.vocab_size
         for token, rank in ranks.items():
             self._bytes[rank] = token
@@ -153,16 +157,28 @@ class TiktokenTokenizer(Tokenizer):
         return cls(load_ranks(path), name=Path(path).name)
 
     def _encode(self, text: str, special: bool) -> list[int]:
-        if special:
-            encode = self.encoding.encode
-            allowed = "all"
-            return [
-                i for piece in split_long_runs(text) for i in encode(piece, allowed_special=allowed)
-            ]
-        encode = self.encoding.encode_ordinary
+        allowed = self._all_special if special else _NONE
         if len(text) <= MAX_RUN_CHARS:
-            return encode(text)
-        return [i for piece in split_long_runs(text) for i in encode(piece)]
+            return self._encode_piece(text, allowed)
+        ids: list[int] = []
+        for piece in split_long_runs(text):
+            ids += self._encode_piece(piece, allowed)
+        return ids
+
+    def _encode_piece(self, text: str, allowed: AbstractSet[str]) -> list[int]:
+        # encode_to_numpy keeps the GIL released for all of the BPE work (encode_ordinary builds
+        # its Python list inside), so threads scale better; ids are the same.
+        try:
+            ids = self.encoding.encode_to_numpy(
+                text, allowed_special=allowed, disallowed_special=()
+            )
+        except UnicodeEncodeError:
+            # lone surrogates: the same repair tiktoken's encode applies, so ids match it
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            ids = self.encoding.encode_to_numpy(
+                text, allowed_special=allowed, disallowed_special=()
+            )
+        return ids.tolist()
 
     def decode(self, ids: Sequence[int]) -> str:
         try:
