@@ -42,7 +42,8 @@ def test_compresses_held_out_text_and_round_trips(trained):
     assert len(held_out.encode()) / len(ids) > 2.0  # bytes per token; raw bytes would be 1.0
     assert tokenizer.decode(ids, skip_special_tokens=False) == held_out
     for text in ["naïve café 中文 🎉👨‍👩‍👧", "\t\n  spaces  ", "<|eot_id|> as text"]:
-        assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False).ids) == text
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        assert tokenizer.decode(ids, skip_special_tokens=False) == text
 
 
 def test_transformers_reads_the_output_with_bos_eos_and_chat_template(trained):
