@@ -2,6 +2,21 @@
 tokenizer.json, GGUF), streaming decoding and the chat formats."""
 
 from herd.tokenizer.base import StreamDecoder, Tokenizer
+from herd.tokenizer.chat import (
+    LLAMA3_CHAT_TEMPLATE,
+    ChatFormat,
+    TemplateChatFormat,
+    chat_format,
+)
 from herd.tokenizer.llama3 import TiktokenTokenizer, llama3
 
-__all__ = ["StreamDecoder", "TiktokenTokenizer", "Tokenizer", "llama3"]
+__all__ = [
+    "LLAMA3_CHAT_TEMPLATE",
+    "ChatFormat",
+    "StreamDecoder",
+    "TemplateChatFormat",
+    "TiktokenTokenizer",
+    "Tokenizer",
+    "chat_format",
+    "llama3",
+]
