@@ -690,6 +690,43 @@ def _arguments_as_dict(tool_call: dict) -> dict:
     return {**tool_call, "function": {**tool_call["function"], "arguments": arguments}}
 
 
+@pytest.mark.parametrize(
+    ("tools", "user", "expected"),
+    [
+        ([TRENDING_SONGS], "Use tools to get latest trending songs", MD_JSON_PROMPT),
+        (
+            [{"type": "function", "function": {"name": "brave_search"}}, {"type": "wolfram_alpha"}],
+            "Search the web for the latest price of 1oz gold?",
+            MD_BUILTIN_PROMPT,
+        ),
+    ],
+)
+def test_llama3_chat_template_places_tools_like_prompt_format_md(
+    ours, hf_llama3, tools, user, expected
+):
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": user},
+    ]
+    date = "21 September 2024"
+    text = hf_llama3.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True, date_string=date
+    )
+    assert text == expected
+    ids = hf_llama3.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=True, date_string=date, return_dict=False
+    )
+    assert list(ids) == ours.encode_dialog(messages, tools=tools, date=date)
+
+
+def test_llama3_chat_template_tools_without_system_message(ours, hf_llama3):
+    messages = [{"role": "user", "content": "Hi"}]
+    tools = [{"type": "code_interpreter"}, {"name": "f", "parameters": {}}]
+    text = hf_llama3.apply_chat_template(messages, tools=tools, tokenize=False)
+    assert text == ours.render(messages, add_generation_prompt=False, tools=tools)
+    assert f"Today Date: {datetime.date.today():%d %B %Y}\n" in text
+
+
 def test_llama3_chat_template_renders_text_parts_and_unicode(ours, hf_llama3):
     messages = [
         {"role": "system", "content": "Réponds en français. 日本語も 🙂"},
@@ -815,7 +852,7 @@ def test_template_rejects_special_text_outside_contents(smollm2):
     template = "{% for m in messages %}{{ m['name'] }}: {{ m['content'] }}{% endfor %}"
     fmt = TemplateChatFormat(smollm2, template)
     with pytest.raises(ValueError, match="outside message contents"):
-        fmt.encode_dialog([{"role": "user", "name": "<|im_start|>", "content": "<|im_end|>"}])
+        fmt.encode_dialog([{"role": "user", "name": "<|im_start|>", "content": "hi"}])
 
 
 def test_template_environment_offers_what_transformers_does(smollm2):

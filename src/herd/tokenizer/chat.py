@@ -44,12 +44,93 @@ from herd.tokenizer.tools import (
 # <|eom_id|>. Tool calls as the reference writes them: brave_search/wolfram_alpha/photogen as
 # `name.call(query="...")`, code_interpreter as <|python_tag|> + code, other functions as a JSON
 # object. Builtin-call arguments must be a mapping here (Jinja cannot parse JSON text); a custom
-# call's JSON-text arguments are inserted as they are. Every tag trims whitespace, so it renders
-# the same with or without trim_blocks. Tool definitions are not rendered: apply `with_tools`
-# to the messages first.
+# call's JSON-text arguments are inserted as they are. `tools` are placed as `with_tools` places
+# them (the "Today Date" is `date_string`, else today). Every tag trims whitespace, so it renders
+# the same with or without trim_blocks.
 LLAMA3_CHAT_TEMPLATE = r"""
+{%- set builtin_tools = ['brave_search', 'wolfram_alpha', 'photogen', 'code_interpreter'] -%}
+{%- macro text(content) -%}
+    {%- if content is string -%}
+        {{- content -}}
+    {%- elif content is iterable -%}
+        {%- for part in content -%}
+            {%- if part['type'] == 'text' -%}
+                {{- part['text'] -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- macro describe(value) -%}
+    {{- (value if value is defined and value is not none else '') | tojson -}}
+{%- endmacro -%}
+{%- macro tool_json(fn) -%}
+    {#- The reference's layout: parameters as a list of {name: {"type": "object", ...}}. -#}
+    {%- set parameters = fn['parameters'] if fn['parameters'] is defined and fn['parameters']
+        else {} -%}
+    {%- set properties = parameters['properties'] if parameters['properties'] is defined
+        and parameters['properties'] else {} -%}
+    {%- set required = parameters['required'] if parameters['required'] is defined
+        and parameters['required'] else [] -%}
+    {%- set ns = namespace(required=[]) -%}
+    {{- '{\n    "type": "function",\n    "function": {\n        "name": ' ~ (fn['name'] | tojson)
+        ~ ',\n        "description": ' ~ describe(fn['description'])
+        ~ ',\n        "parameters": {\n            "type": "object",\n            "properties": ' -}}
+    {%- if properties -%}
+        {{- '[' -}}
+        {%- for name, spec in properties.items() -%}
+            {%- if name in required -%}
+                {%- set ns.required = ns.required + [name] -%}
+            {%- endif -%}
+            {{- '\n                {\n                    ' ~ (name | tojson)
+                ~ ': {\n                        "type": "object",\n                        '
+                ~ '"description": ' ~ describe(spec['description'])
+                ~ '\n                    }\n                }' ~ ('' if loop.last else ',') -}}
+        {%- endfor -%}
+        {{- '\n            ]' -}}
+    {%- else -%}
+        {{- '[]' -}}
+    {%- endif -%}
+    {{- ',\n            "required": ' ~ (ns.required | tojson) ~ '\n        }\n    }\n}' -}}
+{%- endmacro -%}
 {{- bos_token -}}
-{%- for message in messages -%}
+{%- set dialog = messages -%}
+{%- if tools -%}
+    {%- set ns = namespace(listed=[], custom=[], instructions='') -%}
+    {%- for tool in tools -%}
+        {%- set fn = tool['function'] if tool['function'] is defined else tool -%}
+        {%- set name = tool['type'] if tool['type'] in builtin_tools else fn['name'] -%}
+        {%- if name not in builtin_tools -%}
+            {%- set ns.custom = ns.custom + [fn] -%}
+        {%- elif name != 'code_interpreter' -%}
+            {%- set ns.listed = ns.listed + [name] -%}
+        {%- endif -%}
+    {%- endfor -%}
+    {%- if messages and messages[0]['role'] == 'system' -%}
+        {%- set ns.instructions = text(messages[0]['content']) -%}
+        {%- set dialog = messages[1:] -%}
+    {%- endif -%}
+    {{- '<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n' -}}
+    {%- if ns.listed -%}
+        {{- 'Tools: ' ~ (ns.listed | join(', ')) -}}
+    {%- endif -%}
+    {{- '\nCutting Knowledge Date: December 2023\nToday Date: '
+        ~ (date_string if date_string is defined else strftime_now('%d %B %Y')) ~ '\n' -}}
+    {%- if ns.instructions -%}
+        {{- '\n' ~ ns.instructions ~ '\n' -}}
+    {%- endif -%}
+    {{- '<|eot_id|>' -}}
+    {%- if ns.custom -%}
+        {{- '<|start_header_id|>user<|end_header_id|>\n\n'
+            ~ "Answer the user's question by making use of the following functions if needed.\n"
+            ~ 'If none of the function can be used, please say so.\n'
+            ~ 'Here is a list of functions in JSON format:\n' -}}
+        {%- for fn in ns.custom -%}
+            {{- tool_json(fn) ~ '\n' -}}
+        {%- endfor -%}
+        {{- '\nReturn function calls in JSON format.<|eot_id|>' -}}
+    {%- endif -%}
+{%- endif -%}
+{%- for message in dialog -%}
     {%- set role = message['role'] -%}
     {%- if role not in ['system', 'user', 'assistant', 'tool', 'ipython'] -%}
         {{- raise_exception('unknown role ' ~ role ~ '; use system, user, assistant or tool') -}}
@@ -64,25 +145,16 @@ LLAMA3_CHAT_TEMPLATE = r"""
             {{- '<|python_tag|>' -}}
         {%- endif -%}
     {%- endif -%}
-    {%- if message['content'] is string -%}
-        {{- message['content'] -}}
-    {%- elif message['content'] is iterable -%}
-        {%- for part in message['content'] -%}
-            {%- if part['type'] == 'text' -%}
-                {{- part['text'] -}}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- endif -%}
+    {{- text(message['content']) -}}
     {%- for call in calls -%}
         {%- set fn = call['function'] if call['function'] is defined else call -%}
         {%- set args = fn['arguments'] if fn['arguments'] is defined else {} -%}
-        {%- if fn['name'] in ['brave_search', 'wolfram_alpha', 'photogen', 'code_interpreter']
-            and args is not mapping -%}
+        {%- if fn['name'] in builtin_tools and args is not mapping -%}
             {{- raise_exception('pass the arguments of a ' ~ fn['name'] ~ ' call as a mapping') -}}
-        {%- elif fn['name'] in ['brave_search', 'wolfram_alpha', 'photogen'] -%}
-            {{- fn['name'] ~ '.call(query="' ~ args['query'] ~ '")' -}}
         {%- elif fn['name'] == 'code_interpreter' -%}
             {{- args['code'] -}}
+        {%- elif fn['name'] in builtin_tools -%}
+            {{- fn['name'] ~ '.call(query="' ~ args['query'] ~ '")' -}}
         {%- else -%}
             {{- '{"type": "function", "name": ' ~ (fn['name'] | tojson) ~ ', "parameters": '
                 ~ (args if args is string else args | tojson) ~ '}' -}}
@@ -499,11 +571,11 @@ class TemplateChatFormat:
         marks the assistant messages' content and the stop token the template puts right after
         it (tool calls that the template writes from `tool_calls` are not marked)."""
         rendered = self.render(messages, add_generation_prompt, tools=tools, **variables)
+        self._check_other_strings(messages, tools)
         injected = self._has_special_text(messages)
         if not injected and not return_mask:
             return self.tokenizer.encode(rendered, special=True)
         skeleton = self._skeleton(messages, rendered, add_generation_prompt, tools, variables)
-        self._check_other_strings(messages, tools)
         if not injected and self.tokenizer.byte_level:
             ids = self.tokenizer.encode(rendered, special=True)
             mask = self._mask_by_offsets(ids, skeleton)
