@@ -9,6 +9,8 @@ import importlib.resources
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from llama_models.datatypes import (
     BuiltinTool,
     RawMessage,
@@ -316,6 +318,33 @@ DIALOGS = {
 def test_dialog_tokens_match_llama_models(name, ours, reference):
     messages, raw = DIALOGS[name]
     assert ours.encode_dialog(messages) == reference.encode_dialog_prompt(raw).tokens
+
+
+# Text with special-token text, whitespace and non-ASCII mixed in. SmolLM2's vocabulary cannot
+# spell control characters or the planes above the BMP (it lacks their bytes), so those are out.
+LETTERS = st.characters(max_codepoint=0xFFFF, exclude_categories=("Cc", "Cs", "Co", "Cn"))
+CONTENT = st.lists(
+    st.one_of(
+        st.text(LETTERS, max_size=12),
+        st.sampled_from(["<|eot_id|>", "<|im_end|>", "<|im_start|>", "\n\n", " ", "é", "🙂"]),
+    ),
+    max_size=6,
+).map("".join)
+FIXTURES = [HealthCheck.function_scoped_fixture]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=FIXTURES)
+@given(user=CONTENT, answer=CONTENT)
+def test_any_content_matches_llama_models_and_masks_the_answer(ours, reference, user, answer):
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    raw = [
+        RawMessage(role="user", content=user),
+        RawMessage(role="assistant", content=answer, stop_reason=EOT),
+    ]
+    ids, mask = ours.encode_dialog(messages, return_mask=True)
+    assert ids == reference.encode_dialog_prompt(raw).tokens
+    trained = [i for i, m in zip(ids, mask, strict=True) if m]
+    assert trained == llama3().encode(answer) + [llama3().special_tokens["<|eot_id|>"]]
 
 
 def test_special_token_text_in_content_stays_text(ours):
@@ -792,6 +821,22 @@ def test_smollm2_special_token_text_in_content_stays_text(smollm2, hf_smollm2):
     assert any(ids[i : i + len(content_ids)] == content_ids for i in range(len(ids)))
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=FIXTURES)
+@given(user=CONTENT, answer=CONTENT)
+def test_template_keeps_any_content_as_text(smollm2, user, answer):
+    fmt = TemplateChatFormat(smollm2)
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    ids, mask = fmt.encode_dialog(messages, add_generation_prompt=False, return_mask=True)
+    assert smollm2.decode(ids) == fmt.render(messages, add_generation_prompt=False)
+    # the default system turn, the user's and the assistant's: no more turns than that
+    assert ids.count(smollm2.special_tokens["<|im_start|>"]) == 3
+    assert ids.count(smollm2.special_tokens["<|im_end|>"]) == 3
+    trained = smollm2.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    # a token that starts in the template and ends in the content (e.g. "\n" + "\n") is trained on
+    assert trained.endswith(answer + "<|im_end|>")
+    assert "assistant\n".endswith(trained.removesuffix(answer + "<|im_end|>"))
+
+
 @pytest.mark.parametrize("tokenizer_class", [TransformersTokenizer, PiecewiseTokenizer])
 def test_template_mask_marks_assistant_contents_and_their_end(tokenizer_class, hf_smollm2):
     tokenizer = tokenizer_class(hf_smollm2)
@@ -872,10 +917,17 @@ def test_template_environment_offers_what_transformers_does(smollm2):
         fmt.render(messages * 2)
 
 
-def test_template_sandbox_blocks_python_internals(smollm2):
-    fmt = TemplateChatFormat(smollm2, "{{ messages.__class__.__mro__ }}")
-    with pytest.raises(Exception, match="unsafe|SecurityError|__class__"):
-        fmt.render([{"role": "user", "content": "x"}])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ messages.__class__.__mro__ }}",
+        "{% set ns = namespace(_x=1) %}",
+        "{{ messages.append(1) }}",
+    ],
+)
+def test_template_sandbox_blocks_python_internals_and_mutation(smollm2, template):
+    with pytest.raises(DialogError, match="the chat template rejected the dialog: .*(unsafe|_x)"):
+        TemplateChatFormat(smollm2, template).render([USER])
 
 
 def test_template_decode_assistant(smollm2):

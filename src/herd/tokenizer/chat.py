@@ -373,7 +373,7 @@ class ChatFormat:
                 ids, stop_reason = ids[:i], ends[token_id]
                 break
         python_tag = bool(ids) and ids[0] == special.get("<|python_tag|>")
-        content = self.tokenizer.decode(ids[python_tag:]).strip(" ")
+        content = self.tokenizer.decode(ids[1:] if python_tag else ids).strip(" ")
         return _assistant_message(content, parse_tool_calls(content, python_tag), stop_reason)
 
 
@@ -613,7 +613,8 @@ class TemplateChatFormat:
                 "herd cannot tell template text from content: remove special-token text and "
                 "leading/trailing whitespace from the contents, or do not ask for a mask"
             )
-        return _Skeleton([p for p in pieces if p[0]], contents)
+        # Empty contents stay: an empty assistant message still trains its stop token.
+        return _Skeleton([p for p in pieces if p[0] or p[1] is not None], contents)
 
     def _check_other_strings(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
