@@ -1036,11 +1036,18 @@ def test_bad_messages_raise_clear_errors(ours, messages, match):
             "a tool definition must be",
         ),
         (["brave_search"], "a tool definition must be"),
+        ([{"name": "f", "parameters": {"properties": {"x": 1}}}], "tool f: parameters must be"),
+        ([{"name": "f", "parameters": "none"}], "tool f: parameters must be"),
     ],
 )
 def test_bad_tools_raise_clear_errors(ours, tools, match):
     with pytest.raises(DialogError, match=match):
         ours.encode_dialog([USER], tools=tools)
+
+
+def test_errors_name_the_callers_message_index_when_tools_add_messages(ours):
+    with pytest.raises(DialogError, match="message 1: unknown role 'robot'"):
+        ours.encode_dialog([USER, {"role": "robot", "content": "x"}], tools=[TRENDING_SONGS])
 
 
 def test_bad_template_dialogs_raise_clear_errors(smollm2):

@@ -317,11 +317,12 @@ class ChatFormat:
             return_mask: return an `EncodedDialog` whose mask marks assistant output: content,
                 tool calls, <|python_tag|> and the closing <|eot_id|>/<|eom_id|>, not headers.
         """
+        dialog = _parse_dialog(messages)  # first, so that errors name the caller's indices
         if tools:
-            messages = with_tools(messages, tools, date)
+            dialog = _parse_dialog(with_tools(messages, tools, date))
         pieces = _Pieces()
         pieces.add([self.tokenizer.special_tokens["<|begin_of_text|>"]], trained=False)
-        for message in _parse_dialog(messages):
+        for message in dialog:
             self._encode_message(message, pieces)
         if add_generation_prompt:
             pieces.add(self.header("assistant"), trained=False)

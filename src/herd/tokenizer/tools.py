@@ -264,6 +264,15 @@ def function_definition(tool: Mapping[str, Any]) -> Mapping[str, Any]:
             f"a tool definition must be {{'type': 'function', 'function': {{'name': ..., "
             f"'description': ..., 'parameters': <JSON schema>}}}}, got {tool!r:.200}"
         )
+    parameters = function.get("parameters") or {}
+    properties = parameters.get("properties") or {} if isinstance(parameters, Mapping) else None
+    if not isinstance(properties, Mapping) or not all(
+        isinstance(spec, Mapping) for spec in properties.values()
+    ):
+        raise DialogError(
+            f"tool {function['name']}: parameters must be a JSON schema object whose "
+            "'properties' maps each parameter name to its schema"
+        )
     return function
 
 
@@ -304,10 +313,9 @@ def with_tools(
     builtin, custom = [], []
     for tool in tools:
         kind = tool.get("type") if isinstance(tool, Mapping) else None
-        if kind in BUILTIN_TOOLS:
-            builtin.append(kind)
-        elif function_definition(tool)["name"] in BUILTIN_TOOLS:
-            builtin.append(function_definition(tool)["name"])
+        name = kind if kind in BUILTIN_TOOLS else function_definition(tool)["name"]
+        if name in BUILTIN_TOOLS:
+            builtin.append(name)
         else:
             custom.append(tool)
     rest = list(messages)
