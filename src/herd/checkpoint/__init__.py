@@ -4,7 +4,6 @@ directories, Meta's consolidated.pth directories and llama.cpp's GGUF files."""
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from herd.checkpoint.base import CheckpointError, CheckpointReader, format_names
 from herd.checkpoint.embedded import EMBEDDED, embedded_path
 from herd.config import ModelConfig
 from herd.model import Transformer
+from herd.tokenizer import Tokenizer
+from herd.tokenizer.formats import gguf_fields, load_tokenizer, save_tokenizer
 
 __all__ = [
     "FORMATS", "CheckpointError", "CheckpointInfo", "describe", "load_model", "open_checkpoint",
@@ -152,6 +153,7 @@ def save_model(
     format: str = "hf",
     dtype: str | torch.dtype | None = None,
     *,
+    tokenizer: Tokenizer | str | Path | None = None,
     tokenizer_from: str | Path | None = None,
     num_shards: int = 1,
     max_shard_bytes: int = 5 * 2**30,
@@ -164,7 +166,9 @@ def save_model(
         path: output directory (hf, meta) or .gguf file (gguf).
         format: "hf", "meta" or "gguf".
         dtype: f32/f16/bf16 (and q8_0 for gguf); None keeps the model's dtype.
-        tokenizer_from: a source checkpoint whose tokenizer files travel with the weights.
+        tokenizer: a tokenizer, or a checkpoint or tokenizer file to take it from, written
+            beside the weights in the format's own way (see `herd.tokenizer.save_tokenizer`).
+        tokenizer_from: older name for a `tokenizer` given as a path.
         num_shards: model-parallel shards for the meta format.
         max_shard_bytes: safetensors shard size for the hf format.
         progress: show a progress bar.
@@ -173,7 +177,7 @@ def save_model(
         raise ValueError(f"unknown checkpoint format {format!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
     config: ModelConfig = model.config
-    source = open_checkpoint(tokenizer_from) if tokenizer_from is not None else None
+    source = tokenizer if tokenizer is not None else tokenizer_from
 
     if format == "gguf":
         if path.is_dir() or path.suffix != ".gguf":
@@ -181,14 +185,17 @@ def save_model(
         gguf_type = dtype if dtype == "q8_0" else _GGUF_NAMES[
             parse_dtype(dtype) or model.tok_embeddings.weight.dtype
         ]
-        extra = source.metadata("tokenizer.") if isinstance(source, gguf_file.GGUFReader) else {}
+        extra = _gguf_tokenizer(source, config) if source is not None else {}
         state = {k: v.detach() for k, v in model.state_dict().items()}
-        _warn_tokenizer(source, format, carried=bool(extra))
         return gguf_file.save_gguf(
             state, config, path, dtype=gguf_type, extra_fields=extra,
             progress=lambda names: _progress(names, f"writing {path.name}", progress),
         )
 
+    tok = None
+    if source is not None:  # before any weights are written: a bad tokenizer stops it all
+        tok = source if isinstance(source, Tokenizer) else load_tokenizer(source)
+        _check_vocab_size(tok.vocab_size, config)
     target = parse_dtype(dtype)
     state = {
         k: (v.detach().to(target) if target is not None else v.detach())
@@ -199,33 +206,30 @@ def save_model(
             state, config, path, max_shard_bytes=max_shard_bytes,
             progress=lambda names: _progress(names, f"writing {path.name}", progress),
         )
-        copied = _copy_files(source, hf.HFReader, hf.TOKENIZER_FILES, path)
     else:
         written = meta.save_meta(
             state, config, path, num_shards=num_shards,
             progress=lambda ranks: _progress(ranks, f"writing {path.name}", progress),
         )
-        copied = _copy_files(source, meta.MetaReader, (meta.TOKENIZER_FILE,), path)
-    _warn_tokenizer(source, format, carried=bool(copied))
-    return written + copied
+    if tok is not None:
+        log.info("writing the %s tokenizer as %s", type(tok).__name__, format)
+        written += save_tokenizer(tok, path, format, model_max_length=config.max_seq_len)
+    return written
 
 
-def _copy_files(source: Any, kind: type, names: Iterable[str], dest: Path) -> list[Path]:
-    if not isinstance(source, kind):
-        return []
-    copied = []
-    for name in names:
-        if (source.path / name).exists():
-            shutil.copyfile(source.path / name, dest / name)
-            copied.append(dest / name)
-    return copied
+def _gguf_tokenizer(source: Tokenizer | str | Path, config: ModelConfig) -> dict[str, Any]:
+    """tokenizer.* fields; from a GGUF path they are copied as they are."""
+    fields = gguf_fields(source, config.vocab_size)
+    tokens = fields.get("tokenizer.ggml.tokens")
+    _check_vocab_size(len(tokens.value) if tokens is not None else 0, config)
+    return fields
 
 
-def _warn_tokenizer(source: CheckpointReader | None, format: str, carried: bool) -> None:
-    if source is not None and not carried:
-        log.warning(
-            "the tokenizer of %s (%s) was not written: carrying it into %s arrives with "
-            "herd.tokenizer", source.path, source.format, format,
+def _check_vocab_size(n_tokens: int, config: ModelConfig) -> None:
+    if n_tokens > config.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has {n_tokens} token ids but the model's embedding only "
+            f"{config.vocab_size} rows"
         )
 
 

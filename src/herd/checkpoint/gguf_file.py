@@ -229,8 +229,8 @@ def save_gguf(
     extra_fields: dict[str, Any] | None = None,
     progress: Callable[[Iterable[str]], Iterable[str]] = iter,
 ) -> list[Path]:
-    """Write a llama.cpp-loadable GGUF. `extra_fields` are raw reader fields (e.g. a source
-    GGUF's tokenizer.* entries) copied through unchanged."""
+    """Write a llama.cpp-loadable GGUF. `extra_fields` are raw reader fields or `GGUFValue`s
+    (e.g. tokenizer.* entries) copied through unchanged."""
     if dtype not in WRITE_TYPES:
         raise CheckpointError(f"GGUF output type {dtype!r}; choose one of {', '.join(WRITE_TYPES)}")
     qtype, file_type = WRITE_TYPES[dtype]
@@ -274,6 +274,9 @@ def save_gguf(
 
 
 def _copy_field(writer: gguf.GGUFWriter, key: str, field: Any) -> None:
+    if isinstance(field, gguf.GGUFValue):  # typed values (herd.tokenizer's GGUF fields)
+        writer.add_key_value(key, field.value, field.type, sub_type=field.sub_type)
+        return
     value_type = field.types[0]
     value = field.contents()
     if value_type == gguf.GGUFValueType.ARRAY:

@@ -76,8 +76,16 @@ def convert(
     ] = None,
     shards: Annotated[int, typer.Option(help="Model-parallel shards (meta format).")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(help="Checkpoint or tokenizer file to take the tokenizer from. "
+                     "Default: the source's own, if it has one."),
+    ] = None,
+    no_tokenizer: Annotated[
+        bool, typer.Option("--no-tokenizer", help="Write the weights without a tokenizer.")
+    ] = False,
 ) -> None:
-    """Convert a checkpoint between Hugging Face, Meta and GGUF formats."""
+    """Convert a checkpoint between Hugging Face, Meta and GGUF formats, tokenizer included."""
     from herd.checkpoint import FORMATS, CheckpointError, load_model, save_model
 
     if to not in FORMATS:
@@ -90,9 +98,9 @@ def convert(
     load_dtype = None if dtype in (None, "q8_0") else dtype
     try:
         model = load_model(src, dtype=load_dtype, progress=True)
+        tok = None if no_tokenizer else _tokenizer_of(tokenizer or src, required=bool(tokenizer))
         written = save_model(
-            model, dst, format=to, dtype=dtype, tokenizer_from=src, num_shards=shards,
-            progress=True,
+            model, dst, format=to, dtype=dtype, tokenizer=tok, num_shards=shards, progress=True,
         )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
@@ -101,6 +109,21 @@ def convert(
         f"wrote {len(written)} file(s), {_human_bytes(size)}, to {dst} "
         f"in {time.perf_counter() - start:.1f}s"
     )
+
+
+def _tokenizer_of(path: str, required: bool) -> Path | None:
+    """The tokenizer file to carry into the output; a source without one converts without."""
+    from herd.tokenizer.formats import find_tokenizer
+
+    try:
+        found = find_tokenizer(path)
+    except FileNotFoundError as e:
+        if required:
+            raise
+        console.print(f"no tokenizer to carry ({e})")
+        return None
+    console.print(f"tokenizer: {found}")
+    return found
 
 
 def main() -> None:

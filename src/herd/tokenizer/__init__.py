@@ -8,15 +8,20 @@ from herd.tokenizer.chat import (
     TemplateChatFormat,
     chat_format,
 )
+from herd.tokenizer.formats import load_tokenizer, save_tokenizer
+from herd.tokenizer.hf import HFTokenizer
 from herd.tokenizer.llama3 import TiktokenTokenizer, llama3
 
 __all__ = [
     "LLAMA3_CHAT_TEMPLATE",
     "ChatFormat",
+    "HFTokenizer",
     "StreamDecoder",
     "TemplateChatFormat",
     "TiktokenTokenizer",
     "Tokenizer",
     "chat_format",
     "llama3",
+    "load_tokenizer",
+    "save_tokenizer",
 ]
