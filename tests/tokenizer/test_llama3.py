@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -76,6 +77,11 @@ def test_encode_batch_equals_encode(tok):
     expected = [tok.encode(t, bos=True) for t in texts]
     assert tok.encode_batch(texts, bos=True, num_threads=2) == expected
     assert tok.encode_batch(texts, bos=True, num_threads=1) == expected
+    arrays = tok.encode_batch_numpy(texts, bos=True, eos=True, num_threads=2)
+    assert all(a.dtype == np.uint32 for a in arrays)
+    assert [a.tolist() for a in arrays] == [tok.encode(t, bos=True, eos=True) for t in texts]
+    long = _long_inputs()["non-whitespace runs around 25k"]
+    assert tok.encode_batch_numpy([long])[0].tolist() == tok.encode(long)
 
 
 def test_bad_input_errors(tok):

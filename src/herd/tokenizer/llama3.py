@@ -11,6 +11,7 @@ from collections.abc import Set as AbstractSet
 from numbers import Integral
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 
 from herd.tokenizer.base import Tokenizer
@@ -157,28 +158,34 @@ class TiktokenTokenizer(Tokenizer):
         return cls(load_ranks(path), name=Path(path).name)
 
     def _encode(self, text: str, special: bool) -> list[int]:
+        return self._encode_array(text, special).tolist()
+
+    def _encode_numpy(self, text: str, bos: bool, eos: bool) -> np.ndarray:
+        ids = self._encode_array(text, special=False)
+        if bos or eos:
+            ids = np.concatenate([[self.bos_id] * bos, ids, [self.eos_id] * eos]).astype(np.uint32)
+        return ids
+
+    def _encode_array(self, text: str, special: bool) -> np.ndarray:
         allowed = self._all_special if special else _NONE
         if len(text) <= MAX_RUN_CHARS:
             return self._encode_piece(text, allowed)
-        ids: list[int] = []
-        for piece in split_long_runs(text):
-            ids += self._encode_piece(piece, allowed)
-        return ids
+        pieces = [self._encode_piece(piece, allowed) for piece in split_long_runs(text)]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    def _encode_piece(self, text: str, allowed: AbstractSet[str]) -> list[int]:
+    def _encode_piece(self, text: str, allowed: AbstractSet[str]) -> np.ndarray:
         # encode_to_numpy keeps the GIL released for all of the BPE work (encode_ordinary builds
         # its Python list inside), so threads scale better; ids are the same.
         try:
-            ids = self.encoding.encode_to_numpy(
+            return self.encoding.encode_to_numpy(
                 text, allowed_special=allowed, disallowed_special=()
             )
         except UnicodeEncodeError:
             # lone surrogates: the same repair tiktoken's encode applies, so ids match it
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            ids = self.encoding.encode_to_numpy(
+            return self.encoding.encode_to_numpy(
                 text, allowed_special=allowed, disallowed_special=()
             )
-        return ids.tolist()
 
     def decode(self, ids: Sequence[int]) -> str:
         try:
