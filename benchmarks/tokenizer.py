@@ -141,6 +141,9 @@ def main() -> None:
         f"herd encode_batch, {threads} threads": lambda: tok.encode_batch(
             docs, num_threads=threads
         ),
+        f"herd encode_batch_numpy, {threads} threads": lambda: tok.encode_batch_numpy(
+            docs, num_threads=threads
+        ),
         f"HF tokenizers encode_batch, {threads} threads": lambda: fast.encode_batch(
             docs, add_special_tokens=False
         ),
