@@ -61,7 +61,7 @@ print(json.dumps({"delta": max(peak[0], end[0]) - base[0], "anon": max(peak[1], 
 
 def measure(kind: str, path: Path) -> dict | None:
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, kind, str(path)], capture_output=True, text=True
+        [sys.executable, "-c", CHILD, kind, str(path)], capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
         tail = (result.stderr.strip().splitlines() or ["?"])[-1]
@@ -107,25 +107,37 @@ def main() -> None:
         rows.append((label, size, ours, peer))
 
     mib = 2**20
-    header = (f"{'checkpoint':<10} {'file MiB':>8} {'model MiB':>9} | {'herd RSS':>8} "
-              f"{'anon':>6} {'RSS/model':>9} {'load s':>6} | {'transformers RSS':>16} {'anon':>6} "
-              f"{'RSS/model':>9} {'load s':>6}")
+    header = (
+        f"{'checkpoint':<10} {'file MiB':>8} {'model MiB':>9} | {'herd RSS':>8} "
+        f"{'anon':>6} {'RSS/model':>9} {'load s':>6} | {'transformers RSS':>16} {'anon':>6} "
+        f"{'RSS/model':>9} {'load s':>6}"
+    )
     print(header)
     print("-" * len(header))
     for label, size, ours, peer in rows:
+
         def cells(r):
             if r is None:
                 return ("n/a",) * 4
-            return (f"{r['delta'] / mib:.0f}", f"{r['anon'] / mib:.0f}",
-                    f"{r['delta'] / r['param_bytes']:.2f}", f"{r['seconds']:.2f}")
+            return (
+                f"{r['delta'] / mib:.0f}",
+                f"{r['anon'] / mib:.0f}",
+                f"{r['delta'] / r['param_bytes']:.2f}",
+                f"{r['seconds']:.2f}",
+            )
+
         o, p = cells(ours), cells(peer)
         model_mib = f"{ours['param_bytes'] / mib:.0f}" if ours else "n/a"
-        print(f"{label:<10} {size / mib:>8.0f} {model_mib:>9} | {o[0]:>8} {o[1]:>6} {o[2]:>9} "
-              f"{o[3]:>6} | {p[0]:>16} {p[1]:>6} {p[2]:>9} {p[3]:>6}")
-    print("\nRSS/anon = peak resident / anonymous memory in MiB (sampled every 2 ms) while loading"
-          " and reading every weight,\nabove the process's memory before the load. Anonymous memory"
-          " excludes memory-mapped file pages, which the kernel\ncan drop and re-read. model = bytes of"
-          " the loaded parameters. transformers cannot read Meta checkpoints.")
+        print(
+            f"{label:<10} {size / mib:>8.0f} {model_mib:>9} | {o[0]:>8} {o[1]:>6} {o[2]:>9} "
+            f"{o[3]:>6} | {p[0]:>16} {p[1]:>6} {p[2]:>9} {p[3]:>6}"
+        )
+    print(
+        "\nRSS/anon = peak resident / anonymous memory in MiB (sampled every 2 ms) while loading"
+        " and reading every weight,\nabove the process's memory before the load. Anonymous memory"
+        " excludes memory-mapped file pages, which the kernel\ncan drop and re-read. model = bytes of"
+        " the loaded parameters. transformers cannot read Meta checkpoints."
+    )
 
 
 if __name__ == "__main__":

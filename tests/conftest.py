@@ -25,10 +25,18 @@ def hf_llama(
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads, vocab_size=vocab_size, rms_norm_eps=1e-5,
-        max_position_embeddings=256, tie_word_embeddings=tied, rope_theta=500000.0,
-        rope_scaling=rope_scaling, **overrides,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        vocab_size=vocab_size,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        rope_theta=500000.0,
+        rope_scaling=rope_scaling,
+        **overrides,
     )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger than the default init so that every weight matters

@@ -8,6 +8,12 @@ from herd.tokenizer import load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ModelConfig", "RopeScaling", "Transformer", "load_model",
-    "load_tokenizer", "preset", "save_model",
+    "CheckpointError",
+    "ModelConfig",
+    "RopeScaling",
+    "Transformer",
+    "load_model",
+    "load_tokenizer",
+    "preset",
+    "save_model",
 ]

@@ -37,7 +37,10 @@ def test_shape_mismatch_against_config(hf_dir):
     raw = json.loads((hf_dir / "config.json").read_text())
     raw["intermediate_size"] = 128
     (hf_dir / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor .*w1.* has shape \(160, 64\).*needs \(128, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor .*w1.* has shape \(160, 64\).*needs \(128, 64\)",
+    ):
         herd.load_model(hf_dir)
 
 
@@ -113,7 +116,9 @@ def test_unsupported_gguf_quantisation(tmp_path):
     from herd.checkpoint.gguf_file import GGUFReader
 
     _write_gguf(tmp_path / "k.gguf", qtype=gguf.GGMLQuantizationType.Q8_K)
-    with pytest.raises(CheckpointError, match=r"k\.gguf: tensor 'token_embd.weight' has GGUF type Q8_K"):
+    with pytest.raises(
+        CheckpointError, match=r"k\.gguf: tensor 'token_embd.weight' has GGUF type Q8_K"
+    ):
         GGUFReader(tmp_path / "k.gguf").read("tok_embeddings.weight")
 
 
@@ -133,4 +138,3 @@ def test_not_a_checkpoint(tmp_path):
         herd.load_model(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="not a GGUF file"):
         herd.load_model(tmp_path / "notes.txt")
-

@@ -25,7 +25,8 @@ def test_smollm2_matches_transformers(smollm2, smollm2_path):
     assert smollm2.config.n_layers == 30 and smollm2.config.n_kv_heads == 3
     assert smollm2.config.tie_word_embeddings
     ref = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path),
+        os.path.dirname(smollm2_path),
+        gguf_file=os.path.basename(smollm2_path),
         dtype=torch.float32,
     )
     tokens = torch.tensor([PROMPT])
@@ -59,8 +60,13 @@ def test_llamacpp_loads_herd_q8_0(tmp_path, smollm2, smollm2_path):
 
 def test_llamacpp_applies_herd_rope_scaling(tmp_path, smollm2_path):
     """A random model with Llama 3.1 scaling: llama.cpp reads the rope_freqs tensor herd writes."""
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
     ref = hf_llama(n_kv_heads=2, rope_scaling=scaling, vocab_size=49152, seed=5)
     ref.save_pretrained(tmp_path / "hf")
     model = herd.load_model(tmp_path / "hf")

@@ -10,8 +10,13 @@ import herd
 from herd.checkpoint.hf import hf_to_meta_rows, meta_to_hf_rows
 from tests.conftest import hf_llama
 
-SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+SCALING = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 
 def _tokens(n=48, vocab=320):
@@ -63,8 +68,9 @@ def test_bf16_save_keeps_dtype(tmp_path):
     herd.save_model(model, tmp_path, "hf", dtype="bf16")
     loaded = herd.load_model(tmp_path)
     assert loaded.tok_embeddings.weight.dtype == torch.bfloat16
-    assert torch.equal(loaded.layers["1"].attention.wk.weight,
-                       model.layers["1"].attention.wk.weight.bfloat16())
+    assert torch.equal(
+        loaded.layers["1"].attention.wk.weight, model.layers["1"].attention.wk.weight.bfloat16()
+    )
     assert herd.load_model(tmp_path, dtype="f32").norm.weight.dtype == torch.float32
 
 

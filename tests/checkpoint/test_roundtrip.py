@@ -10,8 +10,13 @@ import herd
 from herd.checkpoint.meta import split_dim
 from tests.conftest import hf_llama
 
-SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 @pytest.mark.parametrize("tied,scaling", [(False, None), (True, SCALING)])
@@ -29,7 +34,7 @@ def test_hf_meta_gguf_hf_is_bit_exact(tmp_path, tied, scaling):
     for name, tensor in again.items():
         assert torch.equal(tensor, original[name]), name
     # The config survives too (the ffn sizing rule is the only thing stated differently).
-    rule = dict(ffn_dim_multiplier=None, multiple_of=256)
+    rule = {"ffn_dim_multiplier": None, "multiple_of": 256}
     first = herd.checkpoint.describe(tmp_path / "a").config.replace(**rule)
     for step in (tmp_path / "meta", tmp_path / "m.gguf", tmp_path / "b"):
         assert herd.checkpoint.describe(step).config.replace(**rule) == first, step
@@ -79,7 +84,12 @@ def test_meta_params_json_is_what_llama_models_reads(tmp_path):
     args = ModelArgs(**json.loads((tmp_path / "params.json").read_text()))
     config = herd.preset("debug")
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size) == (
-        config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.vocab_size)
+        config.dim,
+        config.n_layers,
+        config.n_heads,
+        config.n_kv_heads,
+        config.vocab_size,
+    )
     # llama-models' FeedForward sizing rule must land on the same hidden size
     hidden = int(2 * 4 * args.dim / 3)
     if args.ffn_dim_multiplier is not None:
@@ -89,9 +99,18 @@ def test_meta_params_json_is_what_llama_models_reads(tmp_path):
 
 
 def test_meta_llama32_params_without_factor_get_factor_32(tmp_path):
-    params = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
-              "ffn_dim_multiplier": 1.5, "multiple_of": 256, "norm_eps": 1e-05,
-              "rope_theta": 500000.0, "use_scaled_rope": True}
+    params = {
+        "dim": 2048,
+        "n_layers": 16,
+        "n_heads": 32,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "ffn_dim_multiplier": 1.5,
+        "multiple_of": 256,
+        "norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+    }
     from herd.checkpoint.meta import config_from_params
 
     assert config_from_params(params, tmp_path).rope_scaling.factor == 32

@@ -30,8 +30,11 @@ def test_inspect_reports_format_params_and_size(hf_dir):
 
 def test_convert_to_each_format_and_back(tmp_path, hf_dir):
     original = herd.load_model(hf_dir)
-    for fmt, dst in [("meta", tmp_path / "meta"), ("gguf", tmp_path / "m.gguf"),
-                     ("hf", tmp_path / "hf2")]:
+    for fmt, dst in [
+        ("meta", tmp_path / "meta"),
+        ("gguf", tmp_path / "m.gguf"),
+        ("hf", tmp_path / "hf2"),
+    ]:
         result = runner.invoke(app, ["convert", str(hf_dir), str(dst), "--to", fmt])
         assert result.exit_code == 0, result.output
         loaded = herd.load_model(dst)

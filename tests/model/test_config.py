@@ -14,8 +14,13 @@ PUBLISHED = {
     "llama3.2-1b": 1_235_814_400,
     "llama3.2-3b": 3_212_749_824,
 }
-ROUNDED = {"llama3-8b": 8.03, "llama3-70b": 70.55, "llama3.1-405b": 405.85,
-           "llama3.2-1b": 1.24, "llama3.2-3b": 3.21}
+ROUNDED = {
+    "llama3-8b": 8.03,
+    "llama3-70b": 70.55,
+    "llama3.1-405b": 405.85,
+    "llama3.2-1b": 1.24,
+    "llama3.2-3b": 3.21,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -31,8 +36,14 @@ def test_parameter_count_on_meta_device_matches_published(name):
 
 
 @pytest.mark.parametrize(
-    "name,ffn", [("llama3.2-1b", 8192), ("llama3.2-3b", 8192), ("llama3.1-8b", 14336),
-                 ("llama3.1-70b", 28672), ("llama3.1-405b", 53248)],
+    "name,ffn",
+    [
+        ("llama3.2-1b", 8192),
+        ("llama3.2-3b", 8192),
+        ("llama3.1-8b", 14336),
+        ("llama3.1-70b", 28672),
+        ("llama3.1-405b", 53248),
+    ],
 )
 def test_ffn_rule_reproduces_spec_table(name, ffn):
     assert preset(name).ffn_hidden_dim == ffn
@@ -42,7 +53,9 @@ def test_rope_scaling_per_model():
     assert preset("llama3-8b").rope_scaling is None
     assert preset("llama3.1-8b").rope_scaling.factor == 8
     assert preset("llama3.2-1b").rope_scaling.factor == 32
-    assert preset("llama3.2-1b").tie_word_embeddings and not preset("llama3.1-8b").tie_word_embeddings
+    assert (
+        preset("llama3.2-1b").tie_word_embeddings and not preset("llama3.1-8b").tie_word_embeddings
+    )
 
 
 def test_preset_returns_a_copy_and_unknown_names_are_listed():
@@ -56,13 +69,13 @@ def test_preset_returns_a_copy_and_unknown_names_are_listed():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(dim=65, n_heads=4), "divisible by n_heads"),
-        (dict(n_heads=4, n_kv_heads=3), "multiple of n_kv_heads"),
-        (dict(vocab_size=0), "vocab_size"),
-        (dict(norm_eps=-1.0), "norm_eps"),
+        ({"dim": 65, "n_heads": 4}, "divisible by n_heads"),
+        ({"n_heads": 4, "n_kv_heads": 3}, "multiple of n_kv_heads"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"norm_eps": -1.0}, "norm_eps"),
     ],
 )
 def test_invalid_configs_are_rejected(kwargs, match):
-    base = dict(dim=64, n_layers=1, n_heads=4, vocab_size=10)
+    base = {"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": 10}
     with pytest.raises(ValueError, match=match):
         ModelConfig(**{**base, **kwargs})

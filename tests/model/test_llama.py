@@ -10,15 +10,20 @@ from herd.config import preset
 from herd.model import Transformer
 from tests.conftest import hf_llama
 
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 
 @pytest.mark.parametrize(
     "n_kv_heads,tied,scaling",
     [
-        (8, False, None),            # GQA ratio 1 (plain multi-head)
-        (2, True, None),             # ratio 4, tied embeddings
+        (8, False, None),  # GQA ratio 1 (plain multi-head)
+        (2, True, None),  # ratio 4, tied embeddings
         (1, False, LLAMA3_SCALING),  # ratio 8, Llama 3.1 scaling
         (2, False, LLAMA3_SCALING),
         (1, True, LLAMA3_SCALING),
@@ -44,8 +49,17 @@ def test_logits_match_transformers(tmp_path, n_kv_heads, tied, scaling):
 
 def test_parameter_names_follow_meta_checkpoint():
     names = set(Transformer(preset("debug")).state_dict())
-    layer = {"attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
-             "feed_forward.w2", "feed_forward.w3", "attention_norm", "ffn_norm"}
+    layer = {
+        "attention.wq",
+        "attention.wk",
+        "attention.wv",
+        "attention.wo",
+        "feed_forward.w1",
+        "feed_forward.w2",
+        "feed_forward.w3",
+        "attention_norm",
+        "ffn_norm",
+    }
     expected = {"tok_embeddings.weight", "norm.weight", "output.weight"} | {
         f"layers.{i}.{n}.weight" for i in range(2) for n in layer
     }
@@ -75,7 +89,9 @@ def test_explicit_mask_and_positions_match_defaults():
     with torch.no_grad():
         base = model(tokens)
         assert torch.allclose(model(tokens, mask=causal), base, atol=1e-6)
-        assert torch.allclose(model(tokens, positions=torch.arange(16).expand(2, 16)), base, atol=1e-6)
+        assert torch.allclose(
+            model(tokens, positions=torch.arange(16).expand(2, 16)), base, atol=1e-6
+        )
         # Shifting every position changes only absolute angles: RoPE attention is relative.
         assert torch.allclose(model(tokens, positions=torch.arange(16) + 5), base, atol=1e-4)
 

@@ -20,7 +20,12 @@ from herd.tokenizer import Tokenizer
 from herd.tokenizer.formats import gguf_fields, load_tokenizer, save_tokenizer
 
 __all__ = [
-    "FORMATS", "CheckpointError", "CheckpointInfo", "describe", "load_model", "open_checkpoint",
+    "FORMATS",
+    "CheckpointError",
+    "CheckpointInfo",
+    "describe",
+    "load_model",
+    "open_checkpoint",
     "save_model",
 ]
 
@@ -30,9 +35,14 @@ FORMATS = ("hf", "meta", "gguf")
 GGUF_MAGIC = b"GGUF"
 
 _DTYPES = {
-    "f32": torch.float32, "float32": torch.float32, "fp32": torch.float32,
-    "f16": torch.float16, "float16": torch.float16, "fp16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "f32": torch.float32,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "f16": torch.float16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
 }
 _GGUF_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -174,7 +184,9 @@ def save_model(
         progress: show a progress bar.
     """
     if format not in FORMATS:
-        raise ValueError(f"unknown checkpoint format {format!r}; choose one of {', '.join(FORMATS)}")
+        raise ValueError(
+            f"unknown checkpoint format {format!r}; choose one of {', '.join(FORMATS)}"
+        )
     path = Path(path)
     config: ModelConfig = model.config
     source = tokenizer if tokenizer is not None else tokenizer_from
@@ -182,13 +194,19 @@ def save_model(
     if format == "gguf":
         if path.is_dir() or path.suffix != ".gguf":
             path = path / "model.gguf" if path.is_dir() else path.with_suffix(".gguf")
-        gguf_type = dtype if dtype == "q8_0" else _GGUF_NAMES[
-            parse_dtype(dtype) or model.tok_embeddings.weight.dtype
-        ]
+        gguf_type = (
+            dtype
+            if dtype == "q8_0"
+            else _GGUF_NAMES[parse_dtype(dtype) or model.tok_embeddings.weight.dtype]
+        )
         extra = _gguf_tokenizer(source, config) if source is not None else {}
         state = {k: v.detach() for k, v in model.state_dict().items()}
         return gguf_file.save_gguf(
-            state, config, path, dtype=gguf_type, extra_fields=extra,
+            state,
+            config,
+            path,
+            dtype=gguf_type,
+            extra_fields=extra,
             progress=lambda names: _progress(names, f"writing {path.name}", progress),
         )
 
@@ -203,12 +221,18 @@ def save_model(
     }
     if format == "hf":
         written = hf.save_hf(
-            state, config, path, max_shard_bytes=max_shard_bytes,
+            state,
+            config,
+            path,
+            max_shard_bytes=max_shard_bytes,
             progress=lambda names: _progress(names, f"writing {path.name}", progress),
         )
     else:
         written = meta.save_meta(
-            state, config, path, num_shards=num_shards,
+            state,
+            config,
+            path,
+            num_shards=num_shards,
             progress=lambda ranks: _progress(ranks, f"writing {path.name}", progress),
         )
     if tok is not None:

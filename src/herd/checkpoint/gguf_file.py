@@ -19,27 +19,43 @@ from herd.model.rope import inverse_frequencies
 ARCH = "llama"
 ROPE_FREQS = "rope_freqs.weight"
 
-NAMES = NameTable({
-    "tok_embeddings.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
-    "output.weight": "output.weight",
-    "layers.{}.attention.wq.weight": "blk.{}.attn_q.weight",
-    "layers.{}.attention.wk.weight": "blk.{}.attn_k.weight",
-    "layers.{}.attention.wv.weight": "blk.{}.attn_v.weight",
-    "layers.{}.attention.wo.weight": "blk.{}.attn_output.weight",
-    "layers.{}.feed_forward.w1.weight": "blk.{}.ffn_gate.weight",
-    "layers.{}.feed_forward.w3.weight": "blk.{}.ffn_up.weight",
-    "layers.{}.feed_forward.w2.weight": "blk.{}.ffn_down.weight",
-    "layers.{}.attention_norm.weight": "blk.{}.attn_norm.weight",
-    "layers.{}.ffn_norm.weight": "blk.{}.ffn_norm.weight",
-})
+NAMES = NameTable(
+    {
+        "tok_embeddings.weight": "token_embd.weight",
+        "norm.weight": "output_norm.weight",
+        "output.weight": "output.weight",
+        "layers.{}.attention.wq.weight": "blk.{}.attn_q.weight",
+        "layers.{}.attention.wk.weight": "blk.{}.attn_k.weight",
+        "layers.{}.attention.wv.weight": "blk.{}.attn_v.weight",
+        "layers.{}.attention.wo.weight": "blk.{}.attn_output.weight",
+        "layers.{}.feed_forward.w1.weight": "blk.{}.ffn_gate.weight",
+        "layers.{}.feed_forward.w3.weight": "blk.{}.ffn_up.weight",
+        "layers.{}.feed_forward.w2.weight": "blk.{}.ffn_down.weight",
+        "layers.{}.attention_norm.weight": "blk.{}.attn_norm.weight",
+        "layers.{}.ffn_norm.weight": "blk.{}.ffn_norm.weight",
+    }
+)
 
 # Weight types herd dequantises; the gguf package implements each of them.
-READABLE_TYPES = frozenset({
-    QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0,
-    QType.Q5_1, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_NL,
-    QType.IQ4_XS,
-})
+READABLE_TYPES = frozenset(
+    {
+        QType.F32,
+        QType.F16,
+        QType.BF16,
+        QType.Q8_0,
+        QType.Q4_0,
+        QType.Q4_1,
+        QType.Q5_0,
+        QType.Q5_1,
+        QType.Q2_K,
+        QType.Q3_K,
+        QType.Q4_K,
+        QType.Q5_K,
+        QType.Q6_K,
+        QType.IQ4_NL,
+        QType.IQ4_XS,
+    }
+)
 _NATIVE_DTYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
 
 # Output types for `save_gguf`: the GGUF quantisation of 2-D weights and the file-type tag.
@@ -65,8 +81,9 @@ class GGUFReader:
             # Copy-on-write map: float tensors become parameters without a copy, and stay writable.
             self._reader = gguf.GGUFReader(str(path), mode="c")
         except Exception as e:  # truncated files surface as ValueError/IndexError/struct errors
-            raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") \
-                from e
+            raise CheckpointError(
+                f"{path}: not a readable GGUF file (truncated or corrupt?): {e}"
+            ) from e
         self._fields = self._reader.fields
         arch = self.field("general.architecture")
         if arch != ARCH:

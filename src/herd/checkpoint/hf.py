@@ -18,25 +18,23 @@ from herd.config import ModelConfig, RopeScaling
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "generation_config.json", "chat_template.jinja",
-)
 
-NAMES = NameTable({
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
-    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
-    "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-})
+NAMES = NameTable(
+    {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+        "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
+        "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
+        "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
+        "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+        "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
+        "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
+        "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
+        "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
+        "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    }
+)
 
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -68,6 +66,7 @@ def _heads_for(meta_name: str, config: ModelConfig) -> int | None:
 def config_from_hf(raw: dict[str, Any], source: Path) -> ModelConfig:
     """Parse config.json as transformers 4.x (rope_theta/rope_scaling) or 5.x (rope_parameters)
     writes it."""
+
     def need(key: str) -> Any:
         if key not in raw:
             raise CheckpointError(f"{source}: config.json lacks required key {key!r}")
@@ -206,7 +205,7 @@ class HFReader:
                 f"{self.path}: has config.json but neither {SINGLE_FILE} nor {INDEX_FILE}"
             )
         with self._open(single) as f:
-            return {name: single for name in f.keys()}
+            return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
 
     def _open(self, file: Path) -> Any:
         try:

@@ -22,9 +22,15 @@ SHARD_GLOB = "consolidated.*.pth"
 
 # Model-parallel split dimension per weight, as fairscale's layers shard them:
 # column-parallel (and the vocab-parallel embedding) along rows, row-parallel along columns.
-_COLUMN = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-           "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight",
-           "tok_embeddings.weight")
+_COLUMN = (
+    "attention.wq.weight",
+    "attention.wk.weight",
+    "attention.wv.weight",
+    "feed_forward.w1.weight",
+    "feed_forward.w3.weight",
+    "output.weight",
+    "tok_embeddings.weight",
+)
 _ROW = ("attention.wo.weight", "feed_forward.w2.weight")
 
 
@@ -42,11 +48,13 @@ def split_dim(name: str) -> int | None:
 
 def config_from_params(params: dict[str, Any], source: Path) -> ModelConfig:
     try:
-        shape = dict(
-            dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-            n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
-            vocab_size=params["vocab_size"],
-        )
+        shape = {
+            "dim": params["dim"],
+            "n_layers": params["n_layers"],
+            "n_heads": params["n_heads"],
+            "n_kv_heads": params.get("n_kv_heads") or params["n_heads"],
+            "vocab_size": params["vocab_size"],
+        }
         scaling = None
         if params.get("use_scaled_rope"):
             scaling = _scaling_from_params(params, shape)

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from herd.cli import tokenizer as tokenizer_cli
+from herd.cli.common import console, fail
 
 app = typer.Typer(
     name="herd",
@@ -20,13 +22,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=1)
+app.add_typer(tokenizer_cli.app, name="tokenizer")
 
 
 def _human_bytes(n: float) -> str:
@@ -46,7 +42,9 @@ def _human_count(n: int) -> str:
 
 @app.command()
 def inspect(
-    path: Annotated[str, typer.Argument(help="HF directory, Meta directory, .gguf file, or 'smollm2'.")],
+    path: Annotated[
+        str, typer.Argument(help="HF directory, Meta directory, .gguf file, or 'smollm2'.")
+    ],
 ) -> None:
     """Show a checkpoint's format, config, parameter count, dtypes and size on disk."""
     from herd.checkpoint import CheckpointError, describe
@@ -54,11 +52,13 @@ def inspect(
     try:
         info = describe(path)
     except (CheckpointError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
     table = Table(title=str(info.path), show_header=False, title_justify="left")
     table.add_row("format", info.format)
     table.add_row("parameters", f"{info.num_params:,} ({_human_count(info.num_params)})")
-    table.add_row("stored types", ", ".join(f"{k}×{v}" for k, v in sorted(info.stored_types.items())))
+    table.add_row(
+        "stored types", ", ".join(f"{k}×{v}" for k, v in sorted(info.stored_types.items()))
+    )
     table.add_row("size on disk", f"{_human_bytes(info.size_bytes)} in {len(info.files)} file(s)")
     for key, value in info.config.to_dict().items():
         table.add_row(key, str(value))
@@ -78,8 +78,10 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     tokenizer: Annotated[
         str | None,
-        typer.Option(help="Checkpoint or tokenizer file to take the tokenizer from. "
-                     "Default: the source's own, if it has one."),
+        typer.Option(
+            help="Checkpoint or tokenizer file to take the tokenizer from. "
+            "Default: the source's own, if it has one."
+        ),
     ] = None,
     no_tokenizer: Annotated[
         bool, typer.Option("--no-tokenizer", help="Write the weights without a tokenizer.")
@@ -89,10 +91,10 @@ def convert(
     from herd.checkpoint import FORMATS, CheckpointError, load_model, save_model
 
     if to not in FORMATS:
-        _fail(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
+        fail(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
         if not force:
-            _fail(f"{dst} already exists; pass --force to replace it")
+            fail(f"{dst} already exists; pass --force to replace it")
         shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
     start = time.perf_counter()
     load_dtype = None if dtype in (None, "q8_0") else dtype
@@ -100,10 +102,16 @@ def convert(
         model = load_model(src, dtype=load_dtype, progress=True)
         tok = None if no_tokenizer else _tokenizer_of(tokenizer or src, required=bool(tokenizer))
         written = save_model(
-            model, dst, format=to, dtype=dtype, tokenizer=tok, num_shards=shards, progress=True,
+            model,
+            dst,
+            format=to,
+            dtype=dtype,
+            tokenizer=tok,
+            num_shards=shards,
+            progress=True,
         )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     size = sum(f.stat().st_size for f in written)
     console.print(
         f"wrote {len(written)} file(s), {_human_bytes(size)}, to {dst} "

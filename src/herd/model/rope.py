@@ -32,7 +32,9 @@ def _apply_llama31_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for integer positions (..., seq) -> (..., seq, head_dim // 2), float32."""
     angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
