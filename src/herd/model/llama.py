@@ -4,6 +4,9 @@ loads with no renaming. This file holds no I/O and no distributed code."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,22 @@ from herd.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
 # An attention mask is a boolean/additive tensor broadcastable to (batch, heads, q_len, k_len)
 # for SDPA, or a flex-attention BlockMask (document masking); None means causal.
 AttentionMask = torch.Tensor | BlockMask | None
+
+# Stores a layer's new keys/values (batch, kv_heads, seq, head_dim) and returns every cached one.
+KVUpdate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class KVCacheLike(Protocol):
+    """What `Transformer.forward(cache=...)` needs (herd.infer.KVCache implements it): keys are
+    cached after RoPE, so a decode step only rotates its own token."""
+
+    length: int  # tokens already cached; the next token's slot
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def advance(self, n: int) -> None: ...
 
 
 class RMSNorm(nn.Module):
@@ -43,7 +62,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: AttentionMask,
+        kv_update: KVUpdate | None = None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
@@ -52,12 +76,17 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # (batch, heads, seq, head_dim) for the attention kernels
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if kv_update is not None:
+            k, v = kv_update(k, v)
         gqa = self.n_kv_heads != self.n_heads
         if isinstance(mask, BlockMask):
             out = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
+            # A single query (a decode step) sees every cached key; SDPA's causal flag would
+            # align it with the first key instead.
+            causal = mask is None and seqlen > 1
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa
             )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -84,9 +113,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: AttentionMask,
+        kv_update: KVUpdate | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_update)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -138,11 +172,33 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         mask: AttentionMask = None,
+        cache: KVCacheLike | None = None,
     ) -> torch.Tensor:
         """tokens: (batch, seq) ids. positions: (seq,) or (batch, seq) RoPE positions, default
-        0..seq-1 (document masking restarts them per document). mask: see `AttentionMask`."""
+        0..seq-1 (document masking restarts them per document). mask: see `AttentionMask`.
+
+        cache: keys/values of the tokens before these ones (inference). The tokens fill the
+        cache's next slots; positions then default to those slots and a None mask to causal
+        attention over everything cached. The cache is advanced past the tokens."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
+        if cache is None:
+            return self._forward(tokens, positions, mask)
+        seqlen, start = tokens.shape[1], cache.length
+        if positions is None:
+            positions = torch.arange(start, start + seqlen, device=tokens.device)
+        if mask is None and start > 0 and seqlen > 1:
+            mask = causal_mask(seqlen, start, tokens.device)
+        cos, sin = cache.rope(positions)
+        h = self.tok_embeddings(tokens)
+        for name, layer in self.layers.items():
+            h = layer(h, cos, sin, mask, partial(cache.update, int(name)))
+        cache.advance(seqlen)
+        return F.linear(self.norm(h), self.output_weight)
+
+    def _forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None, mask: AttentionMask
+    ) -> torch.Tensor:
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         inv_freq = inverse_frequencies(
@@ -153,3 +209,9 @@ class Transformer(nn.Module):
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
         return F.linear(self.norm(h), self.output_weight)
+
+
+def causal_mask(seqlen: int, start: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean (seqlen, start + seqlen) mask: query i (at slot start + i) sees slots <= its own."""
+    slots = torch.arange(start + seqlen, device=device)
+    return slots <= torch.arange(start, start + seqlen, device=device)[:, None]

@@ -1,0 +1,17 @@
+"""Inference: KV-cached generation, sampling, and the `Llama` high-level API."""
+
+from herd.infer.cache import KVCache
+from herd.infer.generate import Step, decode_steps
+from herd.infer.llama import Completion, Llama
+from herd.infer.sampling import SamplingParams, sample, token_logprobs
+
+__all__ = [
+    "Completion",
+    "KVCache",
+    "Llama",
+    "SamplingParams",
+    "Step",
+    "decode_steps",
+    "sample",
+    "token_logprobs",
+]

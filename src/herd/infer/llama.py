@@ -1,0 +1,327 @@
+"""The high-level inference API: `Llama.load(path).generate(prompts)`, `.chat`, `.stream`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from herd.infer.generate import Step, decode_steps
+from herd.infer.sampling import SamplingParams
+from herd.model import Transformer
+from herd.tokenizer import Tokenizer, chat_format
+
+Prompt = str | Sequence[int]
+Messages = Sequence[Mapping[str, Any]]
+
+
+@dataclass
+class Completion:
+    """One generated continuation.
+
+    token_ids are the new tokens only; a stop token that ended generation is included, its text
+    is not. finish_reason is "stop" (a stop token or stop string) or "length" (max_new_tokens,
+    or the context window, was reached). logprobs (when asked for) are, per new token, its
+    log-probability under the raw model distribution (before penalties, temperature, filters).
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class _Row:
+    """Generation state of one prompt: its ids, text, and whether (and why) it is done."""
+
+    prompt_tokens: int
+    budget: int
+    stop_ids: frozenset[int]
+    stops: tuple[str, ...]
+    decoder: Any
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish_reason: str | None = None
+    stopped_by_string: bool = False
+
+    def __post_init__(self) -> None:
+        if self.budget <= 0:
+            self.finish_reason = "length"
+
+    def add(self, token: int, logprob: float | None) -> None:
+        if self.finish_reason is not None:
+            return
+        self.ids.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if token in self.stop_ids:
+            self._finish("stop")
+            return
+        self._extend(self.decoder.add(token))
+        if self.finish_reason is None and len(self.ids) >= self.budget:
+            self._finish("length")
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self._extend(self.decoder.flush())
+
+    def _extend(self, delta: str) -> None:
+        if not delta or self.stopped_by_string:
+            return
+        # A stop string may straddle the old text and the new delta.
+        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0) + 1)
+        self.text += delta
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped_by_string = True
+            self.finish_reason = "stop"
+
+    def pending(self) -> str:
+        """Text not yet streamed that can no longer turn out to be part of a stop string."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            end -= _stop_prefix_length(self.text, self.stops)
+        delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
+        return delta
+
+    def completion(self) -> Completion:
+        return Completion(
+            self.text,
+            self.ids,
+            self.finish_reason or "length",
+            self.prompt_tokens,
+            self.logprobs if self.logprobs else None,
+        )
+
+
+def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string."""
+    longest = min(len(text), max((len(s) for s in stops), default=1) - 1)
+    for n in range(longest, 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return n
+    return 0
+
+
+class Llama:
+    """A model and its tokenizer, ready to generate.
+
+    The context window is `max_seq_len` (default: the model config's): a prompt longer than it
+    is an error unless `truncate=True`, and generation stops with finish_reason "length" when a
+    row reaches the window, even before max_new_tokens.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len or model.config.max_seq_len
+        self._chat = None
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        dtype: str | torch.dtype | None = None,
+        quantize: str | None = None,
+        max_seq_len: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Llama:
+        """Load a checkpoint (HF dir, Meta dir, .gguf, or "smollm2") and its tokenizer.
+
+        quantize: None, or "int8" / "int4" / "fp8" weight-only quantization (herd.quantize).
+        """
+        from herd.checkpoint import load_model
+        from herd.tokenizer import load_tokenizer
+
+        model = load_model(path, dtype=dtype, device=device)
+        if quantize is not None:
+            model = _quantize(model, quantize)
+        return cls(model, load_tokenizer(path), max_seq_len)
+
+    @property
+    def chat_format(self) -> Any:
+        if self._chat is None:
+            self._chat = chat_format(self.tokenizer)
+        return self._chat
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: text gets BOS when the checkpoint's tokenizer adds one (as
+        transformers does); a list of ids is used exactly as given."""
+        if isinstance(prompt, str):
+            add_bos = getattr(self.tokenizer, "add_bos", self.tokenizer.bos_id is not None)
+            return self.tokenizer.encode(prompt, bos=add_bos)
+        return [int(t) for t in prompt]
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        max_new_tokens: int = 256,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_ids: Sequence[int] | None = None,
+        logprobs: bool = False,
+        truncate: bool = False,
+    ) -> list[Completion]:
+        """Complete each prompt (a string, or a list of token ids); one Completion per prompt.
+
+        temperature 0 is greedy. seed makes sampling reproducible (for the same batch: rows
+        share one random stream). stop: strings that end a row, cut from its text. stop_ids:
+        tokens that end a row, default the tokenizer's stop tokens. truncate: drop the oldest
+        prompt tokens so that the prompt plus max_new_tokens fits the window (keeping at
+        least one), instead of raising for a prompt longer than the window.
+        """
+        rows = self._complete(
+            [self.encode(p) for p in _prompt_list(prompts)],
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            stop=stop,
+            stop_ids=stop_ids,
+            logprobs=logprobs,
+            truncate=truncate,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+        )
+        return [row.completion() for row in rows]
+
+    def chat(self, messages: Messages, **kwargs: Any) -> Completion:
+        """Answer a dialog in the tokenizer's chat format; the text is the assistant content
+        (the chat format's reading of the new tokens, unless a stop string cut it). Takes the
+        keyword arguments of `generate`."""
+        ids = self.chat_format.encode_dialog(messages, add_generation_prompt=True)
+        row = self._complete([ids], **kwargs)[0]
+        completion = row.completion()
+        if not row.stopped_by_string:
+            completion.text = self.chat_format.decode_assistant(row.ids)["content"]
+        return completion
+
+    def stream(self, prompt: Prompt | Messages, **kwargs: Any) -> Iterator[str]:
+        """Yield the text of one completion as it is generated. A list of message dicts is a
+        chat (encoded with the chat format; the deltas are the raw assistant text, stop token
+        excluded). Takes the keyword arguments of `generate`; text that could be the start of a
+        stop string is held back until it is known not to be."""
+        if _is_messages(prompt):
+            ids = self.chat_format.encode_dialog(prompt, add_generation_prompt=True)
+        else:
+            ids = self.encode(prompt)
+        rows: list[_Row] = []
+        for _ in self._steps([ids], rows, **kwargs):
+            if delta := rows[0].pending():
+                yield delta
+        if delta := rows[0].pending():
+            yield delta
+
+    def _complete(self, prompts: list[list[int]], **kwargs: Any) -> list[_Row]:
+        rows: list[_Row] = []
+        for _ in self._steps(prompts, rows, **kwargs):
+            pass
+        return rows
+
+    def _steps(
+        self,
+        prompts: list[list[int]],
+        rows: list[_Row],
+        max_new_tokens: int = 256,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_ids: Sequence[int] | None = None,
+        logprobs: bool = False,
+        truncate: bool = False,
+        **sampling: Any,
+    ) -> Iterator[Step]:
+        """Run generation, filling `rows` (one per prompt) as tokens arrive."""
+        params = SamplingParams(**sampling)
+        prompts = [self._fit(ids, max_new_tokens, truncate) for ids in prompts]
+        rows.extend(self._rows(prompts, max_new_tokens, stop, stop_ids))
+        steps = max(row.budget for row in rows)
+        if steps <= 0:
+            return
+        generator = None
+        if seed is not None:
+            device = self.model.tok_embeddings.weight.device
+            generator = torch.Generator(device=device).manual_seed(seed)
+        for step in decode_steps(self.model, prompts, steps, params, generator, logprobs):
+            for i, row in enumerate(rows):
+                row.add(step.tokens[i], step.logprobs[i] if step.logprobs else None)
+            yield step
+            if all(row.finish_reason is not None for row in rows):
+                return
+
+    def _fit(self, ids: list[int], max_new_tokens: int, truncate: bool) -> list[int]:
+        window = self.max_seq_len
+        if truncate and len(ids) + max_new_tokens > window:
+            return ids[-max(1, window - max_new_tokens) :]
+        if len(ids) > window:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but the context window is {window}: shorten "
+                f"it, pass truncate=True to keep its last tokens, or load with a larger "
+                f"max_seq_len (the model was configured for {self.model.config.max_seq_len})"
+            )
+        return ids
+
+    def _rows(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        stop: str | Sequence[str] | None,
+        stop_ids: Sequence[int] | None,
+    ) -> list[_Row]:
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        ends = frozenset(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
+        return [
+            _Row(
+                prompt_tokens=len(ids),
+                budget=min(max_new_tokens, self.max_seq_len - len(ids)),
+                stop_ids=ends,
+                stops=tuple(s for s in stops if s),
+                decoder=self.tokenizer.stream_decoder(),
+            )
+            for ids in prompts
+        ]
+
+
+def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt of token ids
+    return prompts
+
+
+def _is_messages(prompt: Any) -> bool:
+    return (
+        not isinstance(prompt, str)
+        and isinstance(prompt, Sequence)
+        and bool(prompt)
+        and isinstance(prompt[0], Mapping)
+    )
+
+
+def _quantize(model: Transformer, method: str) -> Transformer:
+    try:
+        from herd.quantize import quantize_model
+    except ImportError as e:
+        raise NotImplementedError(
+            f"quantize={method!r} needs herd.quantize.quantize_model, which this build lacks"
+        ) from e
+    return quantize_model(model, method) or model
