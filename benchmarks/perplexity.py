@@ -1,0 +1,53 @@
+"""Perplexity of SmolLM2-135M-Instruct on a Shakespeare play at each precision.
+
+    .venv/bin/python benchmarks/perplexity.py [--tokens 4096] [--seq-len 512] [--play NAME]
+        [--precisions fp32,bf16,int8,int4-g32,int4-g64,int4-g128,fp8]
+
+Prints: precision, perplexity, change vs fp32, tokens scored, evaluation seconds. The issue's
+bar: int8 within +1% of fp32, int4 within +5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import herd
+from herd.quantize.perplexity import compare_precisions, shakespeare_text
+
+DEFAULT_PRECISIONS = "fp32,bf16,int8,int4-g32,int4-g64,int4-g128,fp8"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--play", default="tempest_gut.txt", help="file in shksprdata/texts")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens from the play's start")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--stride", type=int, default=None, help="default: seq-len (disjoint)")
+    parser.add_argument("--precisions", default=DEFAULT_PRECISIONS)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    model = herd.load_model(args.model, dtype=torch.float32).eval()
+    tokenizer = herd.load_tokenizer(args.model)
+    ids = torch.tensor(tokenizer.encode(shakespeare_text(args.play), bos=False)[: args.tokens])
+    specs = args.precisions.split(",")
+    results = compare_precisions(model, ids, specs, seq_len=args.seq_len, stride=args.stride)
+
+    base = next((r.perplexity.value for r in results if r.spec == "fp32"), None)
+    print(f"{args.model} on {args.play}, {ids.numel()} tokens, seq_len {args.seq_len}")
+    print(f"{'precision':<10} {'ppl':>9} {'vs fp32':>8} {'tokens':>7} {'seconds':>8}")
+    for r in results:
+        delta = f"{100 * (r.perplexity.value / base - 1):+.2f}%" if base else "n/a"
+        print(
+            f"{r.spec:<10} {r.perplexity.value:>9.4f} {delta:>8} "
+            f"{r.perplexity.tokens:>7} {r.seconds:>8.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Weight-only quantization (int8, group-wise int4, row-wise fp8) of herd Transformers."""
+
+from herd.quantize.core import METHODS, quantize_model, quantized_modules
+from herd.quantize.fp8 import ACTIVATION_SCALE_UB, Fp8Linear
+from herd.quantize.int4 import Int4Linear
+from herd.quantize.int8 import Int8Linear
+from herd.quantize.io import load_quantized, save_quantized
+from herd.quantize.perplexity import Perplexity, perplexity
+
+__all__ = [
+    "ACTIVATION_SCALE_UB",
+    "METHODS",
+    "Fp8Linear",
+    "Int4Linear",
+    "Int8Linear",
+    "Perplexity",
+    "load_quantized",
+    "perplexity",
+    "quantize_model",
+    "quantized_modules",
+    "save_quantized",
+]

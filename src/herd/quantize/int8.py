@@ -1,0 +1,74 @@
+"""Int8 weight-only linear layers: symmetric, one scale per output channel."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT8_MAX = 127
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> int8 codes and float32 per-row scales, `w ≈ q * scale`."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    # An all-zero row gets scale 1 so the division stays finite; its codes are all zero anyway.
+    scales = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.round(w / scales[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return q.float() * scales[:, None]
+
+
+def _has_int8_kernel(device: torch.device) -> bool:
+    return device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T, computed in float32 and returned in x's dtype.
+
+    On CPU the fused `torch._weight_int8pack_mm(x, q, scales)` kernel is used; elsewhere the
+    weight is dequantized and multiplied. Both read the same float32 scales, so a bf16 model
+    gets the same result as the dequantized weights, rounded once to bf16 at the end.
+    """
+
+    method = "int8"
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        if qweight.dtype != torch.int8 or qweight.dim() != 2:
+            raise ValueError(f"int8 weight must be a 2-D int8 tensor, got {qweight.dtype}")
+        if scales.shape != (qweight.shape[0],):
+            raise ValueError(f"int8 scales must have shape ({qweight.shape[0]},)")
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        self.use_kernel = True  # tests turn it off to compare against the fallback
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int | None = None) -> Int8Linear:
+        return cls(*quantize_int8(linear.weight))
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scales)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized float32 weight, for code that reads `.weight` instead of calling the
+        module (Transformer.output_weight does, for the untied output head)."""
+        return self.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k).float()
+        if self.use_kernel and _has_int8_kernel(x.device):
+            y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
+        else:
+            y = F.linear(x2, self.dequantize())
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -1,0 +1,96 @@
+"""Saving and loading quantized models: safetensors tensors plus two JSON files, no pickle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from herd.config import ModelConfig
+from herd.model import Transformer
+from herd.quantize.core import check_method, quantizable_linears, quantized_modules, set_submodule
+from herd.quantize.fp8 import ACTIVATION_SCALE_UB, Fp8Linear
+from herd.quantize.int4 import Int4Linear
+from herd.quantize.int8 import Int8Linear
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+QUANT_CONFIG_FILE = "quantization_config.json"
+
+
+def quantization_config(model: nn.Module) -> dict[str, Any]:
+    """method, group_size (int4) and activation_scale_ub (fp8) of a quantized model."""
+    modules = [m for _, m in quantized_modules(model)]
+    if not modules:
+        raise ValueError("the model has no quantized layers; call quantize_model first")
+    methods = {m.method for m in modules}
+    if len(methods) != 1:
+        raise ValueError(f"mixed quantization methods are not supported: {sorted(methods)}")
+    first = modules[0]
+    config: dict[str, Any] = {"method": first.method, "group_size": None}
+    if isinstance(first, Int4Linear):
+        config["group_size"] = first.group_size
+    if isinstance(first, Fp8Linear):
+        config["activation_scale_ub"] = first.activation_scale_ub
+    return config
+
+
+def save_quantized(model: Transformer, directory: str | Path) -> list[Path]:
+    """Write `model.safetensors`, `config.json` (ModelConfig fields) and
+    `quantization_config.json` into `directory`; returns the files written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    qconfig = quantization_config(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    files = [directory / WEIGHTS_FILE, directory / CONFIG_FILE, directory / QUANT_CONFIG_FILE]
+    save_file(state, files[0], metadata={"format": "pt", "quantization": qconfig["method"]})
+    files[1].write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    files[2].write_text(json.dumps(qconfig, indent=2) + "\n")
+    return files
+
+
+def _quantized_from_state(
+    name: str, linear: nn.Linear, state: dict[str, torch.Tensor], qconfig: dict[str, Any]
+) -> nn.Module:
+    def tensor(key: str) -> torch.Tensor:
+        try:
+            return state[f"{name}.{key}"]
+        except KeyError:
+            raise ValueError(f"quantized checkpoint lacks {name}.{key}") from None
+
+    method = qconfig["method"]
+    if method == "int8":
+        return Int8Linear(tensor("qweight"), tensor("scales"))
+    if method == "int4":
+        return Int4Linear(
+            tensor("qweight"),
+            tensor("scales"),
+            tensor("zeros"),
+            linear.in_features,
+            qconfig["group_size"],
+        )
+    ub = qconfig.get("activation_scale_ub", ACTIVATION_SCALE_UB)
+    return Fp8Linear(tensor("qweight"), tensor("scales"), activation_scale_ub=ub)
+
+
+def load_quantized(directory: str | Path) -> Transformer:
+    """The model written by `save_quantized`, with its quantized layers rebuilt (CPU)."""
+    directory = Path(directory)
+    for file in (WEIGHTS_FILE, CONFIG_FILE, QUANT_CONFIG_FILE):
+        if not (directory / file).is_file():
+            raise FileNotFoundError(f"{directory / file} not found: not a quantized checkpoint")
+    config = ModelConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+    qconfig = json.loads((directory / QUANT_CONFIG_FILE).read_text())
+    check_method(qconfig["method"], qconfig.get("group_size") or 128)
+    state = load_file(directory / WEIGHTS_FILE)
+    with torch.device("meta"):
+        model = Transformer(config)
+    for name, linear in list(quantizable_linears(model)):
+        set_submodule(model, name, _quantized_from_state(name, linear, state, qconfig))
+    model.load_state_dict(state, strict=True, assign=True)
+    # assign=True keeps the very tensors the int4 kernel weights were packed from.
+    return model.eval()

