@@ -209,3 +209,14 @@ def test_generation_is_capped_at_the_window(llm):
     assert len(capped[0].token_ids) == 2 and capped[0].finish_reason == "length"
     full = small.generate([list(range(100, 108))], max_new_tokens=4, temperature=0)[0]
     assert full.token_ids == [] and full.finish_reason == "length"
+
+
+def test_last_only_returns_the_last_logits(tiny):
+    tokens = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        full = tiny(tokens)
+        last = tiny(tokens, last_only=True)
+        cached = tiny(tokens, cache=KVCache.for_model(tiny, 2, 9), last_only=True)
+    assert last.shape == cached.shape == (2, 1, 320)
+    assert (last - full[:, -1:]).abs().max().item() <= 1e-5
+    assert (cached - last).abs().max().item() <= 1e-5

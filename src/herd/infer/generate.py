@@ -83,10 +83,9 @@ def decode_steps(
     cache = KVCache.for_model(model, len(prompts), slots)
     seen, counts = _penalty_state(prompts, params, model.config.vocab_size, device)
 
-    logits = model(batch.tokens, batch.prefill_positions(), batch.prefill_mask(), cache=cache)[
-        :, -1
-    ]
-    positions = batch.lengths[:, None]
+    positions, mask = batch.prefill_positions(), batch.prefill_mask()
+    logits = model(batch.tokens, positions, mask, cache=cache, last_only=True)[:, -1]
+    positions = batch.lengths[:, None]  # of each row's first new token
     for step in range(max_new_tokens):
         tokens = sample(logits, params, generator, seen, counts)
         yield Step(tokens.tolist(), token_logprobs(logits, tokens).tolist() if logprobs else None)

@@ -173,17 +173,21 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         mask: AttentionMask = None,
         cache: KVCacheLike | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """tokens: (batch, seq) ids. positions: (seq,) or (batch, seq) RoPE positions, default
         0..seq-1 (document masking restarts them per document). mask: see `AttentionMask`.
 
         cache: keys/values of the tokens before these ones (inference). The tokens fill the
         cache's next slots; positions then default to those slots and a None mask to causal
-        attention over everything cached. The cache is advanced past the tokens."""
+        attention over everything cached. The cache is advanced past the tokens.
+
+        last_only: return the logits of the last position only, (batch, 1, vocab): a prefill
+        needs no more, and a long prompt's full logits can outweigh the model."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
         if cache is None:
-            return self._forward(tokens, positions, mask)
+            return self._forward(tokens, positions, mask, last_only)
         seqlen, start = tokens.shape[1], cache.length
         if positions is None:
             positions = torch.arange(start, start + seqlen, device=tokens.device)
@@ -194,10 +198,14 @@ class Transformer(nn.Module):
         for name, layer in self.layers.items():
             h = layer(h, cos, sin, mask, partial(cache.update, int(name)))
         cache.advance(seqlen)
-        return F.linear(self.norm(h), self.output_weight)
+        return self._logits(h, last_only)
 
     def _forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None, mask: AttentionMask
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None,
+        mask: AttentionMask,
+        last_only: bool,
     ) -> torch.Tensor:
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -208,6 +216,11 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
+        return self._logits(h, last_only)
+
+    def _logits(self, h: torch.Tensor, last_only: bool) -> torch.Tensor:
+        if last_only:
+            h = h[:, -1:]
         return F.linear(self.norm(h), self.output_weight)
 
 
