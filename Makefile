@@ -40,6 +40,7 @@ demo: $(STAMP)
 	$(HERD) tokenizer encode "Llama 3 reads <|eot_id|> typed by a user as text"
 	$(HERD) tokenizer train $(SHAKESPEARE) --out $(OUT)/shakespeare-tokenizer --vocab-size 2048
 	$(HERD) tokenizer encode -t $(OUT)/shakespeare-tokenizer "To be, or not to be"
+	$(HERD) chat --message "Name three plays by Shakespeare." --temperature 0 -n 64 --max-seq-len 512
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

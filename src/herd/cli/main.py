@@ -12,6 +12,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from herd.cli import generate as generate_cli
+from herd.cli import quantize as quantize_cli
 from herd.cli import tokenizer as tokenizer_cli
 from herd.cli.common import console, fail
 
@@ -23,6 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(tokenizer_cli.app, name="tokenizer")
+app.command()(generate_cli.generate)
+app.command()(generate_cli.chat)
+app.command()(quantize_cli.quantize)
 
 
 def _human_bytes(n: float) -> str:

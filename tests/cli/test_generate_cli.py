@@ -1,0 +1,63 @@
+"""`herd generate` and `herd chat` on the real SmolLM2 model (loaded once)."""
+
+import pytest
+from typer.testing import CliRunner
+
+from herd.cli.main import app
+from herd.infer import Llama
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return Llama.load("smollm2")
+
+
+@pytest.fixture
+def loaded(monkeypatch, smollm2):
+    """`Llama.load` returns the preloaded model, with the window the command asked for."""
+
+    def load(path, dtype=None, quantize=None, max_seq_len=None):
+        assert path == "smollm2"
+        return Llama(smollm2.model, smollm2.tokenizer, max_seq_len)
+
+    monkeypatch.setattr(Llama, "load", staticmethod(load))
+    return smollm2
+
+
+def test_one_shot_chat_prints_the_greedy_answer(loaded):
+    question = "What is the capital of France?"
+    expected = loaded.chat(
+        [{"role": "user", "content": question}], max_new_tokens=24, temperature=0
+    )
+    result = runner.invoke(app, ["chat", "--message", question, "-n", "24", "--temperature", "0"])
+    assert result.exit_code == 0, result.output
+    assert expected.text.strip() and expected.text.strip() in result.output
+
+
+def test_generate_streams_the_continuation(loaded):
+    prompt = "The capital of France is"
+    expected = loaded.generate(prompt, max_new_tokens=12, temperature=0)[0]
+    result = runner.invoke(app, ["generate", "-p", prompt, "-n", "12", "--temperature", "0"])
+    assert result.exit_code == 0, result.output
+    assert result.output == expected.text + "\n"
+
+
+def test_repl_resets_exits_and_drops_old_turns_when_the_window_is_full(loaded):
+    lines = "Hello there!\n/reset\nName a colour.\nName a fruit.\nName a number.\n/exit\n"
+    result = runner.invoke(
+        app,
+        ["chat", "--max-seq-len", "96", "-n", "24", "--temperature", "0"],
+        input=lines,
+    )
+    assert result.exit_code == 0, result.output
+    assert "history cleared" in result.output
+    assert "context window full; dropped the" in result.output
+    assert result.output.count("assistant>") == 4
+
+
+def test_bad_model_path_is_explained(tmp_path):
+    result = runner.invoke(app, ["chat", "--model", str(tmp_path / "nope"), "--message", "hi"])
+    assert result.exit_code == 1
+    assert "no such file" in result.output
