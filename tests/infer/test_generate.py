@@ -220,3 +220,13 @@ def test_last_only_returns_the_last_logits(tiny):
     assert last.shape == cached.shape == (2, 1, 320)
     assert (last - full[:, -1:]).abs().max().item() <= 1e-5
     assert (cached - last).abs().max().item() <= 1e-5
+
+
+def test_degenerate_requests(llm):
+    assert llm.generate([], max_new_tokens=4) == []
+    with pytest.raises(ValueError, match="at least one token"):
+        llm.generate([[]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        llm.generate("Hi", max_new_tokens=-1)
+    zero = llm.generate("Hi", max_new_tokens=0)[0]
+    assert zero.token_ids == [] and zero.finish_reason == "length"

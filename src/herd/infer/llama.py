@@ -250,9 +250,13 @@ class Llama:
     ) -> Iterator[Step]:
         """Run generation, filling `rows` (one per prompt) as tokens arrive."""
         params = SamplingParams(**sampling)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if any(len(ids) == 0 for ids in prompts):
+            raise ValueError("a prompt must have at least one token")
         prompts = [self._fit(ids, max_new_tokens, truncate) for ids in prompts]
         rows.extend(self._rows(prompts, max_new_tokens, stop, stop_ids))
-        steps = max(row.budget for row in rows)
+        steps = max((row.budget for row in rows), default=0)
         if steps <= 0:
             return
         generator = None
