@@ -23,6 +23,7 @@ from herd.quantize import (
     quantize_model,
     quantized_modules,
     save_quantized,
+    set_kernels,
 )
 from herd.quantize.fp8 import FP8_MAX, quantize_fp8_rows
 from herd.quantize.int4 import quantize_int4
@@ -121,8 +122,8 @@ def test_int8_linear_matches_reference(dtype, use_kernel):
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_int4_linear_matches_reference(group_size, dtype, use_kernel):
     layer = Int4Linear.from_linear(linear(48, 256), group_size)
-    assert layer.kernel_weight is not None  # 48 outputs: the CPU kernel applies
     layer.use_kernel = use_kernel
+    assert layer.packed_for_kernel() is not None  # 48 outputs: the CPU kernel applies
     x = inputs(256).to(dtype)
     y = layer(x)
     assert y.dtype == dtype
@@ -142,6 +143,7 @@ def test_fp8_linear_matches_reference(use_kernel):
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
 def test_kernel_path_equals_fallback(cls):
     layer = cls.from_linear(linear(64, 576), 64)
+    layer.use_kernel = True
     x = inputs(576)
     fast = layer(x)
     layer.use_kernel = False
@@ -154,12 +156,14 @@ def test_int4_shapes_outside_the_kernel():
     # 24 outputs (not a multiple of 16) fall back to dequantize-and-matmul; 72 inputs are not a
     # multiple of the group, so the last group is zero-padded.
     layer = Int4Linear.from_linear(linear(24, 72), 32)
-    assert layer.kernel_weight is None
+    layer.use_kernel = True
+    assert layer.packed_for_kernel() is None
     assert layer.dequantize().shape == (24, 72) and layer.scales.shape == (24, 3)
     x = inputs(72)
     assert_matmul_close(layer(x), x, layer.dequantize())
     padded = Int4Linear.from_linear(linear(32, 72), 32)  # kernel with padded inputs
-    assert padded.kernel_weight is not None
+    padded.use_kernel = True
+    assert padded.packed_for_kernel() is not None
     assert_matmul_close(padded(x), x, padded.dequantize())
 
 
@@ -213,6 +217,17 @@ def test_quantized_model_logits_close(tied, method, group_size, min_corr):
     assert ("output" in names) == (not tied)
     assert isinstance(quantized.tok_embeddings, nn.Embedding)
     assert correlation(out, ref) > min_corr
+
+
+@pytest.mark.parametrize(("method", "group_size"), [("int8", 128), ("int4", 32)])
+def test_model_kernels_match_fallback(method, group_size):
+    model = quantize_model(tiny_model(), method, group_size)
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fallback = model(tokens)
+        fused = set_kernels(model, True)(tokens)
+    # Different float32 summation orders, propagated through two blocks.
+    torch.testing.assert_close(fused, fallback, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("method", "group_size"), [("int8", 128), ("int4", 64), ("fp8", 128)])

@@ -1,6 +1,6 @@
 """Weight-only quantization (int8, group-wise int4, row-wise fp8) of herd Transformers."""
 
-from herd.quantize.core import METHODS, quantize_model, quantized_modules
+from herd.quantize.core import METHODS, quantize_model, quantized_modules, set_kernels
 from herd.quantize.fp8 import ACTIVATION_SCALE_UB, Fp8Linear
 from herd.quantize.int4 import Int4Linear
 from herd.quantize.int8 import Int8Linear
@@ -19,4 +19,5 @@ __all__ = [
     "quantize_model",
     "quantized_modules",
     "save_quantized",
+    "set_kernels",
 ]

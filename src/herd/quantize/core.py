@@ -54,3 +54,13 @@ def quantized_modules(model: nn.Module) -> Iterator[tuple[str, QuantizedLinear]]
     for name, module in model.named_modules():
         if isinstance(module, (Int8Linear, Int4Linear, Fp8Linear)):
             yield name, module
+
+
+def set_kernels(model: nn.Module, enabled: bool) -> nn.Module:
+    """Route the quantized layers through the fused torch kernels (`_weight_int8pack_mm`,
+    `_weight_int4pack_mm_for_cpu`, `_scaled_mm`) where they apply, or through the
+    dequantize-and-matmul fallback. int8/int4 default to the fallback (faster on CPU in torch
+    2.13), fp8 to `_scaled_mm` (which only runs on fp8-capable GPUs)."""
+    for _, module in quantized_modules(model):
+        module.use_kernel = enabled
+    return model

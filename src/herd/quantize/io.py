@@ -92,5 +92,4 @@ def load_quantized(directory: str | Path) -> Transformer:
     for name, linear in list(quantizable_linears(model)):
         set_submodule(model, name, _quantized_from_state(name, linear, state, qconfig))
     model.load_state_dict(state, strict=True, assign=True)
-    # assign=True keeps the very tensors the int4 kernel weights were packed from.
     return model.eval()
