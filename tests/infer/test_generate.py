@@ -230,3 +230,14 @@ def test_degenerate_requests(llm):
         llm.generate("Hi", max_new_tokens=-1)
     zero = llm.generate("Hi", max_new_tokens=0)[0]
     assert zero.token_ids == [] and zero.finish_reason == "length"
+
+
+def test_load_quantized(smollm2_path):
+    from herd.quantize import Int8Linear
+
+    llm = Llama.load(smollm2_path, quantize="int8")
+    assert isinstance(llm.model.layers["0"].attention.wq, Int8Linear)
+    out = llm.generate("The capital of France is", max_new_tokens=4, temperature=0)[0]
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"
+    with pytest.raises(ValueError, match="int3"):
+        Llama.load(smollm2_path, quantize="int3")

@@ -141,6 +141,8 @@ class Llama:
         from herd.checkpoint import load_model
         from herd.tokenizer import load_tokenizer
 
+        if quantize is not None:
+            _check_quantize(quantize)  # before the slow load
         model = load_model(path, dtype=dtype, device=device)
         if quantize is not None:
             model = _quantize(model, quantize)
@@ -321,11 +323,14 @@ def _is_messages(prompt: Any) -> bool:
     )
 
 
+def _check_quantize(method: str) -> None:
+    from herd.quantize import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; choose from {list(METHODS)}")
+
+
 def _quantize(model: Transformer, method: str) -> Transformer:
-    try:
-        from herd.quantize import quantize_model
-    except ImportError as e:
-        raise NotImplementedError(
-            f"quantize={method!r} needs herd.quantize.quantize_model, which this build lacks"
-        ) from e
-    return quantize_model(model, method) or model
+    from herd.quantize import quantize_model  # loaded only when asked for
+
+    return quantize_model(model, method)
