@@ -5,6 +5,12 @@
 
 Prints: precision, perplexity, change vs fp32, tokens scored, evaluation seconds. The issue's
 bar: int8 within +1% of fp32, int4 within +5%.
+
+Read the int4 rows knowing that the embedded SmolLM2 GGUF is Q4_1 (min/max 4-bit in blocks of
+32): its float32 weights already sit on that grid, so int4 at group 32 reproduces them exactly
+while groups of 64/128 re-round two blocks at once. Measured (1024 tokens, 2 x 512):
+fp32 32.44, bf16 +0.13%, int8 +0.60%, int4-g32 +0.00%, int4-g64 +36.9%, int4-g128 +61.4%,
+fp8 +1.76%.
 """
 
 from __future__ import annotations
