@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.quantize.base import DequantizingLinear
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 # Meta's fbgemm path (llama-models `fp8_activation_scale_ub`) clamps each token's amax to 1200;
@@ -49,7 +51,7 @@ def scaled_mm_supported(x: torch.Tensor, out_features: int) -> bool:
     )
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(DequantizingLinear):
     """y = dequant(q(x)) @ dequant(W).T with x quantized per token at run time.
 
     On a CUDA device with fp8 support `torch._scaled_mm` does the matmul with row-wise scales
@@ -86,12 +88,6 @@ class Fp8Linear(nn.Module):
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_fp8_rows(x, self.activation_scale_ub)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized float32 weight, for code that reads `.weight` instead of calling the
-        module (Transformer.output_weight does, for the untied output head)."""
-        return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]

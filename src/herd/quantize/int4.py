@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.quantize.base import DequantizingLinear
+
 INT4_LEVELS = 15
 # The CPU kernel dequantizes as (q - 8) * scale + zero; storing the zero in that form makes the
 # stored tensors, the fallback and the kernel agree exactly.
@@ -72,7 +74,7 @@ def kernel_supports(out_features: int, device: torch.device) -> bool:
     )
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(DequantizingLinear):
     """y = x @ dequantized(W).T in float32, returned in x's dtype.
 
     With `use_kernel` set (see `set_kernels`), CPU inputs to a layer whose output width is a
@@ -130,12 +132,6 @@ class Int4Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int4(self.codes(), self.scales, self.zeros, self.in_features)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized float32 weight, for code that reads `.weight` instead of calling the
-        module (Transformer.output_weight does, for the untied output head)."""
-        return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]

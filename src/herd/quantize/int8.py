@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.quantize.base import DequantizingLinear
+
 INT8_MAX = 127
 
 
@@ -27,7 +29,7 @@ def _has_int8_kernel(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(DequantizingLinear):
     """y = x @ (q * scale).T, computed in float32 and returned in x's dtype.
 
     With `use_kernel` set (see `set_kernels`), CPU inputs go through the fused
@@ -57,12 +59,6 @@ class Int8Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scales)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized float32 weight, for code that reads `.weight` instead of calling the
-        module (Transformer.output_weight does, for the untied output head)."""
-        return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
