@@ -25,7 +25,7 @@ from herd.quantize import (
     set_kernels,
 )
 from herd.quantize.fp8 import FP8_MAX, quantize_fp8_rows
-from herd.quantize.int4 import quantize_int4
+from herd.quantize.int4 import quantize_int4, round_to_range
 from herd.quantize.int8 import quantize_int8
 from herd.quantize.perplexity import compare_precisions, shakespeare_text
 
@@ -73,18 +73,42 @@ def test_int8_rounding_within_half_a_step():
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_rounding_within_half_a_step(group_size):
+def test_int4_min_max_rounding_within_half_a_step(group_size):
     w = linear(48, 256).weight
-    q, scales, zeros = quantize_int4(w, group_size)
+    grouped = w.reshape(48, -1, group_size)
+    q, scales, zeros = round_to_range(grouped, grouped.amin(-1), grouped.amax(-1))
     assert q.min() >= 0 and q.max() <= 15
-    grouped = w.double().reshape(48, -1, group_size)
-    deq = (q.double().reshape(grouped.shape) - 8) * scales.double()[..., None]
-    err = (deq + zeros.double()[..., None] - grouped).abs()
+    deq = (q.double() - 8) * scales.double()[..., None]
+    err = (deq + zeros.double()[..., None] - grouped.double()).abs()
     # zero = min + 8 * scale is rounded once to float32, hence the absolute slack.
-    slack = 4 * EPS32 * grouped.abs().amax(-1, keepdim=True)
+    slack = 4 * EPS32 * grouped.double().abs().amax(-1, keepdim=True)
     assert (err <= scales.double()[..., None] / 2 * (1 + 1e-6) + slack).all()
     # min/max rounding uses all 16 levels in every group that is not constant
-    assert (q.reshape(48, -1, group_size).amax(-1)[1:] == 15).all()
+    assert (q.amax(-1)[1:] == 15).all()
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_clipping_search_beats_min_max(group_size):
+    """Per group, the searched codes and refitted scale/zero never do worse than min/max
+    rounding, the refit is the float64 least-squares solution for its codes, and on Gaussian
+    weights with outliers the total squared error drops."""
+    w = linear(48, 256).weight
+    w64 = w.double().reshape(48, -1, group_size)
+    q, scales, zeros = quantize_int4(w, group_size)
+    c = q.double().reshape(w64.shape) - 8
+    err = ((c * scales.double()[..., None] + zeros.double()[..., None]) - w64).square().sum(-1)
+
+    q0, s0, z0 = round_to_range(w64.float(), w64.float().amin(-1), w64.float().amax(-1))
+    deq0 = (q0.double() - 8) * s0.double()[..., None] + z0.double()[..., None]
+    err0 = (deq0 - w64).square().sum(-1)
+    assert (err <= err0 * (1 + 1e-5) + 1e-12).all()
+    assert err.sum() < 0.95 * err0.sum()
+
+    design = torch.stack([c, torch.ones_like(c)], dim=-1)  # w ≈ c * scale + zero
+    solution = torch.linalg.lstsq(design, w64[..., None]).solution[..., 0]
+    varying = c.std(-1) > 0
+    torch.testing.assert_close(scales.double()[varying], solution[..., 0][varying])
+    torch.testing.assert_close(zeros.double()[varying], solution[..., 1][varying])
 
 
 def test_fp8_weight_rounding_and_activation_bound():
@@ -105,33 +129,58 @@ def test_fp8_weight_rounding_and_activation_bound():
 # --- kernels against the float64 reference ----------------------------------------------------
 
 
+def kernel_operands(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the fused CPU kernels multiply: activations, scales and zeros rounded to bf16."""
+    bf = torch.bfloat16
+    if isinstance(layer, Int8Linear):
+        w = layer.qweight.double() * layer.scales.to(bf).double()[:, None]
+    else:
+        n = layer.out_features
+        codes = layer.codes().double().reshape(n, -1, layer.group_size) - 8
+        w = codes * layer.scales.to(bf).double()[..., None] + layer.zeros.to(bf).double()[..., None]
+        w = w.reshape(n, -1)[:, : layer.in_features]
+    return x.to(bf).double(), w
+
+
+def assert_kernel_close(y: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> None:
+    """y against the float64 product of the kernel's bf16 operands: float32 accumulation, one
+    possible bf16 rounding of each dequantized weight (2^-8 relative), and a bf16 output."""
+    x64, w64 = kernel_operands(layer, x)
+    ref = x64 @ w64.T
+    mags = x64.abs() @ w64.abs().T
+    bound = ((x.shape[-1] + 2) * EPS32 + 2.0**-8) * mags + 2.0**-8 * ref.abs()
+    err = (y.double() - ref).abs()
+    assert (err <= bound + 1e-30).all(), f"max error {err.max():.3g}, bound {bound.max():.3g}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("use_kernel", [True, False])
-def test_int8_linear_matches_reference(dtype, use_kernel):
-    layer = Int8Linear.from_linear(linear(48, 96))
-    layer.use_kernel = use_kernel
+def test_int8_linear_matches_reference(dtype):
+    layer = Int8Linear.from_weight(linear(48, 96).weight)
+    assert layer.use_kernel  # the default
     x = inputs(96).to(dtype)
     y = layer(x)
     assert y.dtype == dtype and y.shape == (2, 5, 48)
-    assert_matmul_close(y, x.float(), layer.dequantize())
+    assert_kernel_close(y, x, layer)
+    layer.use_kernel = False  # the float32 fallback is exact up to summation order
+    assert_matmul_close(layer(x), x.float(), layer.dequantize())
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("use_kernel", [True, False])
-def test_int4_linear_matches_reference(group_size, dtype, use_kernel):
-    layer = Int4Linear.from_linear(linear(48, 256), group_size)
-    layer.use_kernel = use_kernel
+def test_int4_linear_matches_reference(group_size, dtype):
+    layer = Int4Linear.from_weight(linear(48, 256).weight, group_size)
     assert layer.packed_for_kernel() is not None  # 48 outputs: the CPU kernel applies
     x = inputs(256).to(dtype)
     y = layer(x)
     assert y.dtype == dtype
-    assert_matmul_close(y, x.float(), layer.dequantize())
+    assert_kernel_close(y, x, layer)
+    layer.use_kernel = False
+    assert_matmul_close(layer(x), x.float(), layer.dequantize())
 
 
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_fp8_linear_matches_reference(use_kernel):
-    layer = Fp8Linear.from_linear(linear(48, 96))
+    layer = Fp8Linear.from_weight(linear(48, 96).weight)
     layer.use_kernel = use_kernel
     x = inputs(96)
     x[0, 0, 0] = 4000.0  # beyond the activation bound
@@ -139,36 +188,22 @@ def test_fp8_linear_matches_reference(use_kernel):
     assert_matmul_close(layer(x), (xq.float() * xs), layer.dequantize())
 
 
-@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-def test_kernel_path_equals_fallback(cls):
-    layer = cls.from_linear(linear(64, 576), 64)
-    layer.use_kernel = True
-    x = inputs(576)
-    fast = layer(x)
-    layer.use_kernel = False
-    slow = layer(x)
-    scale = (x.abs() @ layer.dequantize().abs().T).double()
-    assert ((fast - slow).double().abs() <= 2 * (576 + 2) * EPS32 * scale).all()
-
-
 def test_int4_shapes_outside_the_kernel():
     # 24 outputs (not a multiple of 16) fall back to dequantize-and-matmul; 72 inputs are not a
     # multiple of the group, so the last group is zero-padded.
-    layer = Int4Linear.from_linear(linear(24, 72), 32)
-    layer.use_kernel = True
+    layer = Int4Linear.from_weight(linear(24, 72).weight, 32)
     assert layer.packed_for_kernel() is None
     assert layer.dequantize().shape == (24, 72) and layer.scales.shape == (24, 3)
     x = inputs(72)
     assert_matmul_close(layer(x), x, layer.dequantize())
-    padded = Int4Linear.from_linear(linear(32, 72), 32)  # kernel with padded inputs
-    padded.use_kernel = True
+    padded = Int4Linear.from_weight(linear(32, 72).weight, 32)  # kernel with padded inputs
     assert padded.packed_for_kernel() is not None
-    assert_matmul_close(padded(x), x, padded.dequantize())
+    assert_kernel_close(padded(x), x, padded)
 
 
 def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match="group_size"):
-        Int4Linear.from_linear(linear(32, 64), 48)
+        Int4Linear.from_weight(linear(32, 64).weight, 48)
     with pytest.raises(ValueError, match="unknown quantization method"):
         quantize_model(nn.Sequential(), "int3")
     with pytest.raises(ValueError, match="bias"):
@@ -212,9 +247,10 @@ def test_quantized_model_logits_close(tied, method, group_size, min_corr):
         quantized = quantize_model(copy.deepcopy(model), method, group_size)
         out = quantized(tokens)
     names = {name for name, _ in quantized_modules(quantized)}
-    assert len(names) == 2 * 7 + (0 if tied else 1)
-    assert ("output" in names) == (not tied)
+    # Every block linear and the head; a tied head is a quantized copy of the embedding.
+    assert len(names) == 2 * 7 + 1 and "output" in names
     assert isinstance(quantized.tok_embeddings, nn.Embedding)
+    assert torch.equal(quantized.tok_embeddings.weight, model.tok_embeddings.weight)
     assert correlation(out, ref) > min_corr
 
 
@@ -223,10 +259,11 @@ def test_model_kernels_match_fallback(method, group_size):
     model = quantize_model(tiny_model(), method, group_size)
     tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        fallback = model(tokens)
-        fused = set_kernels(model, True)(tokens)
-    # Different float32 summation orders, propagated through two blocks.
-    torch.testing.assert_close(fused, fallback, rtol=1e-4, atol=1e-4)
+        fused = model(tokens)
+        fallback = set_kernels(model, False)(tokens)
+    # bf16 activations in the kernels against the float32 fallback, through two blocks.
+    assert correlation(fused, fallback) > 0.9999
+    assert (fused - fallback).abs().max() < 0.02 * fallback.abs().max()
 
 
 @pytest.mark.parametrize(("method", "group_size"), [("int8", 128), ("int4", 64), ("fp8", 128)])
@@ -266,7 +303,9 @@ def test_cli_quantize(hf_dir: Path, tmp_path: Path):
     result = runner.invoke(app, ["quantize", str(hf_dir), str(dst), "--method", "int4"])
     assert result.exit_code == 0, result.output
     model = load_quantized(dst)
-    assert all(isinstance(m, Int4Linear) for _, m in quantized_modules(model))
+    layers = dict(quantized_modules(model))
+    assert isinstance(layers.pop("output"), Int8Linear)  # int4 models keep an int8 head
+    assert layers and all(isinstance(m, Int4Linear) for m in layers.values())
     assert runner.invoke(app, ["quantize", str(hf_dir), str(dst)]).exit_code == 1  # exists
     forced = ["quantize", str(hf_dir), str(dst), "--method", "fp8", "--force"]
     assert runner.invoke(app, forced).exit_code == 0
@@ -298,20 +337,22 @@ def test_perplexity_scores_every_token_once(n, seq_len, stride):
 
 
 def test_smollm2_perplexity_by_precision(smollm2_path):
-    """Issue bar on 2 x 512 tokens of The Tempest: int8 within +1% of fp32, int4 within +5%.
+    """Issue bar on 2 x 512 tokens of The Tempest: int8 within +1% of fp32, int4 within +5%,
+    each through the default bf16-activation kernels and with a quantized output head.
 
-    The embedded SmolLM2 GGUF is itself Q4_1 (asymmetric min/max 4-bit in blocks of 32), so its
-    "fp32" weights already lie on a 16-level grid per 32 inputs: int4 at group 32 reproduces
-    them (same perplexity) while groups of 64 or 128 re-round across two Q4_1 blocks and miss
-    the bar (+37% at 64, measured). Group 32 is the int4 setting that meets it here.
+    The embedded SmolLM2 GGUF is itself Q4_1 (min/max 4-bit in blocks of 32) with a Q8_0
+    embedding, so its block weights already lie on a 16-level grid per 32 inputs: int4 at the
+    default group 32 reproduces them, and what this measures for int4 is the int8 head and the
+    bf16 activations. Groups of 64 or 128 re-round across two Q4_1 blocks and miss the bar
+    (+31% and +59%, benchmarks/perplexity.py).
     """
     model = herd.load_model("smollm2", dtype=torch.float32).eval()
     tokenizer = herd.load_tokenizer("smollm2")
     ids = torch.tensor(tokenizer.encode(shakespeare_text("tempest_gut.txt"), bos=False)[:1024])
-    results = compare_precisions(model, ids, ["fp32", "int8", "int4-g32"], seq_len=512)
+    results = compare_precisions(model, ids, ["fp32", "int8", "int4"], seq_len=512)
     ppl = {r.spec: r.perplexity.value for r in results}
     assert all(r.perplexity.tokens == 1023 for r in results)
     assert 1.0 < ppl["fp32"] < 100.0
     assert ppl["int8"] != ppl["fp32"]  # the int8 grid differs from Q4_1's: a real measurement
     assert ppl["int8"] <= ppl["fp32"] * 1.01, ppl
-    assert ppl["int4-g32"] <= ppl["fp32"] * 1.05, ppl
+    assert ppl["int4"] <= ppl["fp32"] * 1.05, ppl

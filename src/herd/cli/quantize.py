@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from herd.cli.common import console, fail
+from herd.quantize.int4 import DEFAULT_GROUP_SIZE
 
 
 def quantize(
@@ -18,7 +19,7 @@ def quantize(
     method: Annotated[str, typer.Option(help="int8, int4 or fp8.")] = "int8",
     group_size: Annotated[
         int, typer.Option("--group-size", help="int4 inputs per scale: 32, 64, 128 or 256.")
-    ] = 128,
+    ] = DEFAULT_GROUP_SIZE,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Quantize a checkpoint's linear layers (int8, group-wise int4 or fp8) and save it with its

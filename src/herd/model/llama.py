@@ -141,7 +141,8 @@ class Transformer(nn.Module):
             {str(i): TransformerBlock(config) for i in range(config.n_layers)}
         )
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        # Tied models have no `output` module: the logits reuse the embedding matrix.
+        # Tied models have no `output` module: the logits reuse the embedding matrix (unless a
+        # quantized copy of it is attached as `output`, see herd.quantize).
         self.output = (
             None
             if config.tie_word_embeddings
@@ -149,10 +150,6 @@ class Transformer(nn.Module):
         )
         if not self.tok_embeddings.weight.is_meta:
             self.init_weights()
-
-    @property
-    def output_weight(self) -> torch.Tensor:
-        return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
         """Pretraining init: truncated normal(std) everywhere, with the projections that write
@@ -221,7 +218,8 @@ class Transformer(nn.Module):
     def _logits(self, h: torch.Tensor, last_only: bool) -> torch.Tensor:
         if last_only:
             h = h[:, -1:]
-        return F.linear(self.norm(h), self.output_weight)
+        h = self.norm(h)
+        return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
 
 
 def causal_mask(seqlen: int, start: int, device: torch.device | None = None) -> torch.Tensor:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# The activation dtype of the fused CPU int8/int4 kernels: they vectorise only for 16-bit
+# activations, and bfloat16 keeps float32's range.
+KERNEL_DTYPE = torch.bfloat16
+
 
 class DequantizingLinear(nn.Module):
     """A quantized linear layer that can give back its float weight."""
 
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized float32 weight, for code that reads `.weight` instead of calling the
-        module (Transformer.output_weight does, for the untied output head)."""
-        return self.dequantize()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from herd.quantize.fp8 import Fp8Linear
-from herd.quantize.int4 import Int4Linear, check_group_size
+from herd.quantize.int4 import DEFAULT_GROUP_SIZE, Int4Linear, check_group_size
 from herd.quantize.int8 import Int8Linear
 
 QuantizedLinear = Int8Linear | Int4Linear | Fp8Linear
@@ -26,12 +27,19 @@ def check_method(method: str, group_size: int) -> type[QuantizedLinear]:
     return METHODS[method]
 
 
-def quantizable_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
-    """The transformer blocks' projections and, when untied, the output head. Embeddings and
-    norms stay in floating point: they are small and quality-sensitive."""
+def quantization_targets(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module name, float weight) of each layer `quantize_model` swaps: every linear of the
+    transformer blocks, and the output head. A tied model's head becomes a quantized copy of
+    the embedding: lookups keep the float table (one row per token), while the logits, which
+    read the whole matrix every step, read the quantized copy. Embeddings and norms stay in
+    floating point."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and (name.startswith("layers.") or name == "output"):
-            yield name, module
+            if module.bias is not None:
+                raise ValueError(f"{name}: linear layers with a bias are not supported")
+            yield name, module.weight
+    if getattr(model, "output", None) is None and hasattr(model, "tok_embeddings"):
+        yield "output", model.tok_embeddings.weight
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -39,14 +47,22 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int = 128) -> nn.Module:
-    """Replace every block linear (wq/wk/wv/wo/w1/w2/w3, and `output` when untied) in place with
-    an `Int8Linear`, `Int4Linear` (groups of `group_size` inputs) or `Fp8Linear`."""
+def head_method(method: str) -> str:
+    """The output head's method: int4 models keep an int8 head, as llama.cpp's Q4 files keep
+    theirs at 8 bits or more; the logits are the most quantization-sensitive layer."""
+    return "int8" if method == "int4" else method
+
+
+def quantize_model(
+    model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZE
+) -> nn.Module:
+    """Replace every block linear (wq/wk/wv/wo/w1/w2/w3) in place with an `Int8Linear`,
+    `Int4Linear` (groups of `group_size` inputs) or `Fp8Linear`, and the output head with
+    `head_method(method)`'s layer."""
     cls = check_method(method, group_size)
-    for name, linear in list(quantizable_linears(model)):
-        if linear.bias is not None:
-            raise ValueError(f"{name}: linear layers with a bias are not supported")
-        set_submodule(model, name, cls.from_linear(linear, group_size))
+    for name, weight in list(quantization_targets(model)):
+        layer_cls = METHODS[head_method(method)] if name == "output" else cls
+        set_submodule(model, name, layer_cls.from_weight(weight, group_size))
     return model
 
 
@@ -58,9 +74,8 @@ def quantized_modules(model: nn.Module) -> Iterator[tuple[str, QuantizedLinear]]
 
 def set_kernels(model: nn.Module, enabled: bool) -> nn.Module:
     """Route the quantized layers through the fused torch kernels (`_weight_int8pack_mm`,
-    `_weight_int4pack_mm_for_cpu`, `_scaled_mm`) where they apply, or through the
-    dequantize-and-matmul fallback. int8/int4 default to the fallback (faster on CPU in torch
-    2.13), fp8 to `_scaled_mm` (which only runs on fp8-capable GPUs)."""
+    `_weight_int4pack_mm_for_cpu` with bfloat16 activations, `_scaled_mm`) where they apply,
+    the default; or, disabled, through the exact float32 dequantize-and-matmul fallback."""
     for _, module in quantized_modules(model):
         module.use_kernel = enabled
     return model

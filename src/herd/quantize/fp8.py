@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from herd.quantize.base import DequantizingLinear
 
@@ -79,8 +78,8 @@ class Fp8Linear(DequantizingLinear):
         self.use_kernel = True
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int | None = None) -> Fp8Linear:
-        codes, scales = quantize_fp8_rows(linear.weight.detach())
+    def from_weight(cls, weight: torch.Tensor, group_size: int | None = None) -> Fp8Linear:
+        codes, scales = quantize_fp8_rows(weight.detach())
         return cls(codes, scales.reshape(-1))
 
     def dequantize(self) -> torch.Tensor:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from herd.quantize.base import DequantizingLinear
+from herd.quantize.base import KERNEL_DTYPE, DequantizingLinear
 
 INT4_LEVELS = 15
 # The CPU kernel dequantizes as (q - 8) * scale + zero; storing the zero in that form makes the
 # stored tensors, the fallback and the kernel agree exactly.
 INT4_MID = 8
 GROUP_SIZES = (32, 64, 128, 256)
+# llama.cpp's Q4 block size. Larger groups cost quality: on SmolLM2 (itself Q4_1, blocks of
+# 32) perplexity rises +31% at 64 and +59% at 128 (benchmarks/perplexity.py).
+DEFAULT_GROUP_SIZE = 32
 
 
 def check_group_size(group_size: int) -> None:
@@ -25,23 +27,61 @@ def padded_in_features(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size) * group_size
 
 
+# Shrinking a group's [min, max] range clips its outliers but rounds the rest more finely; the
+# ratio with the least squared error is kept per group (the clipping search of AWQ/llama.cpp).
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(10))
+
+
 def quantize_int4(
     weight: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, in) float weight -> codes (out, in_padded) uint8 in [0, 15], float32 scales and
-    zeros (out, groups) with `w ≈ (q - 8) * scale + zero` (min/max asymmetric rounding)."""
+    zeros (out, groups) with `w ≈ (q - 8) * scale + zero`.
+
+    Per group, each range in `CLIP_RATIOS` of [min, max] is rounded, then the scale and zero
+    are refitted to the codes by least squares; the candidate with the smallest squared error
+    wins. Ratio 1.0 alone is plain min/max rounding (`round_to_range`)."""
     check_group_size(group_size)
     n, k = weight.shape
     kp = padded_in_features(k, group_size)
     w = F.pad(weight.detach().float(), (0, kp - k)).reshape(n, kp // group_size, group_size)
     wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)
-    span = wmax - wmin
+    best_err = torch.full_like(wmin, float("inf"))
+    best_q = torch.empty(w.shape, dtype=torch.uint8)
+    best_scales, best_zeros = torch.empty_like(wmin), torch.empty_like(wmin)
+    for ratio in CLIP_RATIOS:
+        q, _, _ = round_to_range(w, wmin * ratio, wmax * ratio)
+        scales, zeros = least_squares_fit(w, q)
+        err = ((q.float() - INT4_MID) * scales[..., None] + zeros[..., None] - w).square().sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_q = torch.where(better[..., None], q, best_q)
+        best_scales = torch.where(better, scales, best_scales)
+        best_zeros = torch.where(better, zeros, best_zeros)
+    return best_q.reshape(n, kp), best_scales, best_zeros
+
+
+def round_to_range(
+    w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grouped w (..., group) onto 16 levels spanning [lo, hi] per group: codes, scales, zeros."""
+    span = hi - lo
     # A constant group has span 0: any positive scale represents it exactly at q = 0.
     scales = torch.where(span > 0, span / INT4_LEVELS, torch.ones_like(span))
-    zeros = wmin + INT4_MID * scales
+    zeros = lo + INT4_MID * scales
     q = torch.round((w - zeros[..., None]) / scales[..., None]) + INT4_MID
-    q = q.clamp(0, INT4_LEVELS).to(torch.uint8).reshape(n, kp)
-    return q, scales, zeros
+    return q.clamp(0, INT4_LEVELS).to(torch.uint8), scales, zeros
+
+
+def least_squares_fit(w: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and zero minimising |(q - 8) * scale + zero - w|² per group, given the codes."""
+    c = q.float() - INT4_MID
+    c_mean, w_mean = c.mean(-1), w.mean(-1)
+    cc = c - c_mean[..., None]
+    var = cc.square().sum(-1)
+    # All codes equal: the best fit is the group mean, with any scale.
+    scales = torch.where(var > 0, (cc * w).sum(-1) / var.clamp(min=1e-30), torch.ones_like(var))
+    return scales, w_mean - scales * c_mean
 
 
 def dequantize_int4(
@@ -75,13 +115,13 @@ def kernel_supports(out_features: int, device: torch.device) -> bool:
 
 
 class Int4Linear(DequantizingLinear):
-    """y = x @ dequantized(W).T in float32, returned in x's dtype.
+    """y = x @ dequantized(W).T, returned in x's dtype.
 
-    With `use_kernel` set (see `set_kernels`), CPU inputs to a layer whose output width is a
-    multiple of 16 go through the fused `torch._weight_int4pack_mm_for_cpu` kernel on a weight
-    repacked on first use (a non-persistent buffer); otherwise the weight is dequantized and
-    multiplied. Off by default: with torch 2.13 on an AVX-512 EPYC the kernel costs 1.6 ms per
-    row for 576x1536, ~20x the fp32 GEMM, and dequantize-and-matmul wins at every batch size.
+    By default (`use_kernel`, see `set_kernels`) CPU inputs to a layer whose output width is a
+    multiple of 16 go through the fused `torch._weight_int4pack_mm_for_cpu` kernel, with
+    activations, scales and zeros rounded to bfloat16 (the kernel vectorises only for 16-bit
+    activations; see `Int8Linear`), on a weight repacked on first use. Otherwise the weight
+    is dequantized and multiplied in float32, exactly.
     """
 
     method = "int4"
@@ -109,23 +149,28 @@ class Int4Linear(DequantizingLinear):
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.float().contiguous())
         self.register_buffer("zeros", zeros.float().contiguous())
-        # Built on first use: the kernel's own layout would double the weight's memory.
+        # The kernel's layout, built on first use (non-persistent: saved checkpoints hold the
+        # portable nibbles only).
         self.register_buffer("kernel_weight", None, persistent=False)
-        self.use_kernel = False
+        self.register_buffer("kernel_scales_zeros", None, persistent=False)
+        self.use_kernel = True
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
-        q, scales, zeros = quantize_int4(linear.weight, group_size)
-        return cls(pack_nibbles(q), scales, zeros, linear.in_features, group_size)
+    def from_weight(cls, weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Linear:
+        q, scales, zeros = quantize_int4(weight, group_size)
+        return cls(pack_nibbles(q), scales, zeros, weight.shape[1], group_size)
 
-    def packed_for_kernel(self) -> torch.Tensor | None:
-        """The weight in the CPU kernel's layout, or None where the kernel does not apply."""
+    def packed_for_kernel(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weight, and (groups, N, 2) scales and zeros, in the CPU kernel's layout; None
+        where the kernel does not apply."""
         if not kernel_supports(self.out_features, self.qweight.device):
             return None
         if self.kernel_weight is None:
             codes = unpack_nibbles(self.qweight).to(torch.int32)
             self.kernel_weight = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-        return self.kernel_weight
+            pairs = torch.stack([self.scales.t(), self.zeros.t()], dim=-1)
+            self.kernel_scales_zeros = pairs.to(KERNEL_DTYPE).contiguous()
+        return self.kernel_weight, self.kernel_scales_zeros
 
     def codes(self) -> torch.Tensor:
         return unpack_nibbles(self.qweight)
@@ -135,16 +180,14 @@ class Int4Linear(DequantizingLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k).float()
-        kw = self.packed_for_kernel() if self.use_kernel else None
-        if kw is not None and x.device.type == "cpu":
+        x2 = x.reshape(-1, k)
+        packed = self.packed_for_kernel() if self.use_kernel else None
+        if packed is not None and x.device.type == "cpu":
             kp = padded_in_features(k, self.group_size)
-            x2 = F.pad(x2, (0, kp - k)).contiguous()
-            # Kernel layout: (groups, N, 2) holding (scale, zero), float32 like the activations.
-            scales_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()
-            y = torch._weight_int4pack_mm_for_cpu(x2, kw, self.group_size, scales_zeros)
+            x2 = F.pad(x2.to(KERNEL_DTYPE), (0, kp - k)).contiguous()
+            y = torch._weight_int4pack_mm_for_cpu(x2, packed[0], self.group_size, packed[1])
         else:
-            y = F.linear(x2, self.dequantize())
+            y = F.linear(x2.float(), self.dequantize())
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

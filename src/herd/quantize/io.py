@@ -12,9 +12,9 @@ from torch import nn
 
 from herd.config import ModelConfig
 from herd.model import Transformer
-from herd.quantize.core import check_method, quantizable_linears, quantized_modules, set_submodule
+from herd.quantize.core import check_method, quantization_targets, quantized_modules, set_submodule
 from herd.quantize.fp8 import ACTIVATION_SCALE_UB, Fp8Linear
-from herd.quantize.int4 import Int4Linear
+from herd.quantize.int4 import DEFAULT_GROUP_SIZE, Int4Linear
 from herd.quantize.int8 import Int8Linear
 
 WEIGHTS_FILE = "model.safetensors"
@@ -23,19 +23,22 @@ QUANT_CONFIG_FILE = "quantization_config.json"
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:
-    """method, group_size (int4) and activation_scale_ub (fp8) of a quantized model."""
-    modules = [m for _, m in quantized_modules(model)]
-    if not modules:
-        raise ValueError("the model has no quantized layers; call quantize_model first")
-    methods = {m.method for m in modules}
+    """method, group_size (int4) and activation_scale_ub (fp8) of a quantized model's blocks,
+    and head_method, its output head's method."""
+    layers = dict(quantized_modules(model))
+    head = layers.pop("output", None)
+    if not layers or head is None:
+        raise ValueError("the model is not fully quantized; call quantize_model first")
+    methods = {m.method for m in layers.values()}
     if len(methods) != 1:
         raise ValueError(f"mixed quantization methods are not supported: {sorted(methods)}")
-    first = modules[0]
+    first = next(iter(layers.values()))
     config: dict[str, Any] = {"method": first.method, "group_size": None}
     if isinstance(first, Int4Linear):
         config["group_size"] = first.group_size
     if isinstance(first, Fp8Linear):
         config["activation_scale_ub"] = first.activation_scale_ub
+    config["head_method"] = head.method
     return config
 
 
@@ -54,7 +57,7 @@ def save_quantized(model: Transformer, directory: str | Path) -> list[Path]:
 
 
 def _quantized_from_state(
-    name: str, linear: nn.Linear, state: dict[str, torch.Tensor], qconfig: dict[str, Any]
+    name: str, weight: torch.Tensor, state: dict[str, torch.Tensor], qconfig: dict[str, Any]
 ) -> nn.Module:
     def tensor(key: str) -> torch.Tensor:
         try:
@@ -62,7 +65,9 @@ def _quantized_from_state(
         except KeyError:
             raise ValueError(f"quantized checkpoint lacks {name}.{key}") from None
 
-    method = qconfig["method"]
+    method = (
+        qconfig.get("head_method", qconfig["method"]) if name == "output" else qconfig["method"]
+    )
     if method == "int8":
         return Int8Linear(tensor("qweight"), tensor("scales"))
     if method == "int4":
@@ -70,7 +75,7 @@ def _quantized_from_state(
             tensor("qweight"),
             tensor("scales"),
             tensor("zeros"),
-            linear.in_features,
+            weight.shape[1],
             qconfig["group_size"],
         )
     ub = qconfig.get("activation_scale_ub", ACTIVATION_SCALE_UB)
@@ -85,11 +90,11 @@ def load_quantized(directory: str | Path) -> Transformer:
             raise FileNotFoundError(f"{directory / file} not found: not a quantized checkpoint")
     config = ModelConfig(**json.loads((directory / CONFIG_FILE).read_text()))
     qconfig = json.loads((directory / QUANT_CONFIG_FILE).read_text())
-    check_method(qconfig["method"], qconfig.get("group_size") or 128)
+    check_method(qconfig["method"], qconfig.get("group_size") or DEFAULT_GROUP_SIZE)
     state = load_file(directory / WEIGHTS_FILE)
     with torch.device("meta"):
         model = Transformer(config)
-    for name, linear in list(quantizable_linears(model)):
-        set_submodule(model, name, _quantized_from_state(name, linear, state, qconfig))
+    for name, weight in list(quantization_targets(model)):
+        set_submodule(model, name, _quantized_from_state(name, weight, state, qconfig))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

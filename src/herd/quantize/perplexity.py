@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.quantize.int4 import DEFAULT_GROUP_SIZE
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -67,7 +69,7 @@ def parse_spec(spec: str) -> tuple[str, int]:
     method, _, group = spec.partition("-g")
     if method not in ("fp32", "bf16", "int8", "int4", "fp8") or (group and method != "int4"):
         raise ValueError(f"unknown precision {spec!r}: use fp32, bf16, int8, fp8 or int4[-gN]")
-    return method, int(group) if group else 128
+    return method, int(group) if group else DEFAULT_GROUP_SIZE
 
 
 def model_at(model: nn.Module, spec: str) -> nn.Module:
