@@ -45,14 +45,22 @@ def test_llamacpp_loads_herd_gguf(tmp_path, smollm2, smollm2_path, qtype, tol):
     assert np.abs(ours - theirs).max() <= tol
 
 
-def test_llamacpp_loads_herd_q8_0(tmp_path, smollm2, smollm2_path):
-    out = tmp_path / "smollm2-q8_0.gguf"
-    herd.save_model(smollm2, out, "gguf", dtype="q8_0", tokenizer_from=smollm2_path)
-    assert GGUFReader(out).stored_types() == {"F32": 61, "Q8_0": 211}
+@pytest.mark.parametrize(
+    ("qtype", "types"),
+    [
+        ("q8_0", {"F32": 61, "Q8_0": 211}),
+        # the tied embedding/head stays at 8 bits, like the published Q4_1 file
+        ("q4_1", {"F32": 61, "Q4_1": 210, "Q8_0": 1}),
+    ],
+)
+def test_llamacpp_loads_herd_block_quants(tmp_path, smollm2, smollm2_path, qtype, types):
+    out = tmp_path / f"smollm2-{qtype}.gguf"
+    herd.save_model(smollm2, out, "gguf", dtype=qtype, tokenizer_from=smollm2_path)
+    assert GGUFReader(out).stored_types() == types
     theirs = llamacpp_logits(out, PROMPT)
     with torch.no_grad():
         ours = herd.load_model(out)(torch.tensor([PROMPT]))[0].numpy()
-    # llama.cpp also rounds activations to 8 bits in Q8_0 matmuls, so agreement is statistical.
+    # llama.cpp also rounds activations to 8 bits in its block matmuls: agreement is statistical.
     corr = np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]
     assert corr > 0.995
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.8

@@ -175,7 +175,7 @@ def save_model(
         model: the model to save.
         path: output directory (hf, meta) or .gguf file (gguf).
         format: "hf", "meta" or "gguf".
-        dtype: f32/f16/bf16 (and q8_0 for gguf); None keeps the model's dtype.
+        dtype: f32/f16/bf16 (and q8_0/q4_0/q4_1 for gguf); None keeps the model's dtype.
         tokenizer: a tokenizer, or a checkpoint or tokenizer file to take it from, written
             beside the weights in the format's own way (see `herd.tokenizer.save_tokenizer`).
         tokenizer_from: older name for a `tokenizer` given as a path.
@@ -196,7 +196,7 @@ def save_model(
             path = path / "model.gguf" if path.is_dir() else path.with_suffix(".gguf")
         gguf_type = (
             dtype
-            if dtype == "q8_0"
+            if dtype in gguf_file.BLOCK_TYPES
             else _GGUF_NAMES[parse_dtype(dtype) or model.tok_embeddings.weight.dtype]
         )
         extra = _gguf_tokenizer(source, config) if source is not None else {}

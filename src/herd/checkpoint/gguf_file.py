@@ -64,7 +64,13 @@ WRITE_TYPES = {
     "f16": (QType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (QType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (QType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (QType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+    "q4_1": (QType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
 }
+# The block-quantized ones, which `save_model` takes as a dtype only for GGUF.
+BLOCK_TYPES = ("q8_0", "q4_0", "q4_1")
+_FOUR_BIT = (QType.Q4_0, QType.Q4_1)
+_HEAD_NAMES = ("tok_embeddings.weight", "output.weight")
 
 
 def _float32_repr(x: float) -> float:
@@ -226,10 +232,14 @@ def _to_numpy(tensor: torch.Tensor, qtype: QType) -> np.ndarray:
     return f32 if qtype == QType.F32 else gguf.quants.quantize(f32, qtype)
 
 
-def _weight_type(tensor: torch.Tensor, wanted: QType) -> QType:
+def _weight_type(name: str, tensor: torch.Tensor, wanted: QType) -> QType:
     # As llama.cpp does: norms and vectors stay F32; block quants need rows of whole blocks.
     if tensor.dim() < 2:
         return QType.F32
+    # 4-bit files keep the embedding and head at 8 bits, like SmolLM2's published Q4_1 file
+    # (and herd's int4, see herd.quantize.core.head_method).
+    if wanted in _FOUR_BIT and name in _HEAD_NAMES:
+        wanted = QType.Q8_0
     block, _ = gguf.GGML_QUANT_SIZES[wanted]
     if tensor.shape[-1] % block:
         return QType.F16
@@ -279,7 +289,7 @@ def save_gguf(
         if meta_name == "output.weight" and config.tie_word_embeddings:
             continue
         tensor = state[meta_name].detach().cpu()
-        wtype = _weight_type(tensor, qtype)
+        wtype = _weight_type(meta_name, tensor, qtype)
         data = _to_numpy(tensor, wtype)
         raw = None if wtype in (QType.F32, QType.F16) else wtype
         writer.add_tensor(NAMES.to_other(meta_name), data, raw_dtype=raw)

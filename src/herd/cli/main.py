@@ -77,7 +77,9 @@ def convert(
     to: Annotated[str, typer.Option("--to", help="Output format: hf, meta or gguf.")] = "hf",
     dtype: Annotated[
         str | None,
-        typer.Option(help="f32, f16 or bf16 (gguf also q8_0). Default: the source's dtype."),
+        typer.Option(
+            help="f32, f16 or bf16 (gguf also q8_0, q4_0, q4_1). Default: the source's dtype."
+        ),
     ] = None,
     shards: Annotated[int, typer.Option(help="Model-parallel shards (meta format).")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
@@ -102,7 +104,7 @@ def convert(
             fail(f"{dst} already exists; pass --force to replace it")
         shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
     start = time.perf_counter()
-    load_dtype = None if dtype in (None, "q8_0") else dtype
+    load_dtype = None if dtype is None or dtype.startswith("q") else dtype
     try:
         model = load_model(src, dtype=load_dtype, progress=True)
         tok = None if no_tokenizer else _tokenizer_of(tokenizer or src, required=bool(tokenizer))

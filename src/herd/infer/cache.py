@@ -63,3 +63,27 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose write position is a tensor, for a compiled decode step.
+
+    `update` writes at the slots held in `write_slots` and returns the whole buffers, so every
+    step has the same shapes and no Python integer changes between steps: torch.compile traces
+    it once. Attention must then be masked over all slots; `forward` callers pass positions and
+    a mask explicitly. `length` stays 0: Transformer.forward reads it only to default those.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.write_slots = torch.zeros(1, dtype=torch.long, device=self.keys[0].device)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer].index_copy_(2, self.write_slots, k)
+        self.values[layer].index_copy_(2, self.write_slots, v)
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, n: int) -> None:
+        pass

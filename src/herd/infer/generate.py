@@ -59,6 +59,30 @@ class _Batch:
         return self.valid[:, None, None, :end] if self.padded else None
 
 
+class EagerRunner:
+    """Prefill and decode steps on a KV cache sized to the request, in eager mode."""
+
+    def __init__(self, model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+        self.model = model
+        device = model.tok_embeddings.weight.device
+        slots = max(len(p) for p in prompts) + max_new_tokens
+        self.batch = _Batch(prompts, slots, device)
+        self.cache = KVCache.for_model(model, len(prompts), slots)
+
+    def prefill(self) -> torch.Tensor:
+        """Last-position logits (batch, vocab) of the prompts."""
+        positions, mask = self.batch.prefill_positions(), self.batch.prefill_mask()
+        return self.model(self.batch.tokens, positions, mask, cache=self.cache, last_only=True)[
+            :, -1
+        ]
+
+    def decode(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """Logits after feeding `tokens` (batch,), the `step`-th new token of each row."""
+        mask = self.batch.decode_mask(self.cache.length + 1)
+        positions = self.batch.lengths[:, None] + step
+        return self.model(tokens[:, None], positions, mask, cache=self.cache)[:, -1]
+
+
 @torch.inference_mode()
 def decode_steps(
     model: Transformer,
@@ -67,25 +91,27 @@ def decode_steps(
     params: SamplingParams,
     generator: torch.Generator | None = None,
     logprobs: bool = False,
+    compile: bool = False,
 ) -> Iterator[Step]:
     """Yield up to `max_new_tokens` steps of one new token per prompt.
 
     The prompts are prefilled in one forward pass, then each step feeds one token per row.
     The caller decides when to stop (stop tokens, stop strings) by leaving the loop; rows that
     are done keep being computed until every row is. Positions must stay inside the model's
-    window: the caller bounds `max_new_tokens`.
+    window: the caller bounds `max_new_tokens`. compile: run the decode step through
+    torch.compile on a static cache (see herd.infer.compile).
     """
     if max_new_tokens <= 0:
         return
-    device = model.tok_embeddings.weight.device
-    slots = max(len(p) for p in prompts) + max_new_tokens
-    batch = _Batch(prompts, slots, device)
-    cache = KVCache.for_model(model, len(prompts), slots)
-    seen, counts = _penalty_state(prompts, params, model.config.vocab_size, device)
+    if compile:
+        from herd.infer.compile import CompiledRunner
 
-    positions, mask = batch.prefill_positions(), batch.prefill_mask()
-    logits = model(batch.tokens, positions, mask, cache=cache, last_only=True)[:, -1]
-    positions = batch.lengths[:, None]  # of each row's first new token
+        runner: EagerRunner = CompiledRunner(model, prompts, max_new_tokens)
+    else:
+        runner = EagerRunner(model, prompts, max_new_tokens)
+    device = model.tok_embeddings.weight.device
+    seen, counts = _penalty_state(prompts, params, model.config.vocab_size, device)
+    logits = runner.prefill()
     for step in range(max_new_tokens):
         tokens = sample(logits, params, generator, seen, counts)
         yield Step(tokens.tolist(), token_logprobs(logits, tokens).tolist() if logprobs else None)
@@ -94,8 +120,7 @@ def decode_steps(
         if seen is not None:
             seen[torch.arange(len(tokens)), tokens] = True
             counts[torch.arange(len(tokens)), tokens] += 1
-        mask = batch.decode_mask(cache.length + 1)
-        logits = model(tokens[:, None], positions + step, mask, cache=cache)[:, -1]
+        logits = runner.decode(tokens, step)
 
 
 def _penalty_state(

@@ -117,12 +117,23 @@ class Llama:
     The context window is `max_seq_len` (default: the model config's): a prompt longer than it
     is an error unless `truncate=True`, and generation stops with finish_reason "length" when a
     row reaches the window, even before max_new_tokens.
+
+    compile: run decode steps through torch.compile on a static KV cache (herd.infer.compile).
+    The first generation of each (batch size, cache bucket) pays the compilation, about a
+    minute for SmolLM2 on 2 CPU cores; later ones decode ~1.5-2.4x faster on the CPU.
     """
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        max_seq_len: int | None = None,
+        compile: bool = False,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len or model.config.max_seq_len
+        self.compile = compile
         self._chat = None
 
     @classmethod
@@ -133,10 +144,12 @@ class Llama:
         quantize: str | None = None,
         max_seq_len: int | None = None,
         device: str | torch.device = "cpu",
+        compile: bool = False,
     ) -> Llama:
         """Load a checkpoint (HF dir, Meta dir, .gguf, or "smollm2") and its tokenizer.
 
         quantize: None, or "int8" / "int4" / "fp8" weight-only quantization (herd.quantize).
+        compile: see the class docstring.
         """
         from herd.checkpoint import load_model
         from herd.tokenizer import load_tokenizer
@@ -146,7 +159,7 @@ class Llama:
         model = load_model(path, dtype=dtype, device=device)
         if quantize is not None:
             model = _quantize(model, quantize)
-        return cls(model, load_tokenizer(path), max_seq_len)
+        return cls(model, load_tokenizer(path), max_seq_len, compile)
 
     @property
     def chat_format(self) -> Any:
@@ -265,7 +278,9 @@ class Llama:
         if seed is not None:
             device = self.model.tok_embeddings.weight.device
             generator = torch.Generator(device=device).manual_seed(seed)
-        for step in decode_steps(self.model, prompts, steps, params, generator, logprobs):
+        for step in decode_steps(
+            self.model, prompts, steps, params, generator, logprobs, compile=self.compile
+        ):
             for i, row in enumerate(rows):
                 row.add(step.tokens[i], step.logprobs[i] if step.logprobs else None)
             yield step

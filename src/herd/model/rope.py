@@ -46,7 +46,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos/sin are (seq, head_dim/2) or (batch, seq, head_dim/2). The rotation runs in float32,
     as Meta's reference does, and the result is cast back to x's dtype.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)

@@ -121,7 +121,8 @@ class Int4Linear(DequantizingLinear):
     multiple of 16 go through the fused `torch._weight_int4pack_mm_for_cpu` kernel, with
     activations, scales and zeros rounded to bfloat16 (the kernel vectorises only for 16-bit
     activations; see `Int8Linear`), on a weight repacked on first use. Otherwise the weight
-    is dequantized and multiplied in float32, exactly.
+    is dequantized and multiplied in float32, exactly; so too under torch.compile, whose one-row
+    decode step fuses the dequantization into the product (herd.infer.compile).
     """
 
     method = "int4"
@@ -181,7 +182,8 @@ class Int4Linear(DequantizingLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        packed = self.packed_for_kernel() if self.use_kernel else None
+        fused = self.use_kernel
+        packed = self.packed_for_kernel() if fused else None
         if packed is not None and x.device.type == "cpu":
             kp = padded_in_features(k, self.group_size)
             x2 = F.pad(x2.to(KERNEL_DTYPE), (0, kp - k)).contiguous()

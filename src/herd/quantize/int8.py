@@ -36,8 +36,9 @@ class Int8Linear(DequantizingLinear):
     accumulation): that kernel vectorises only for 16-bit activations, and there it reads the
     int8 weight at close to memory bandwidth, ~8x faster than the float32 GEMM per layer
     (torch 2.13, AVX-512 EPYC), while float32 activations run it unvectorised (~15x slower).
-    Without the kernel, and on other devices, the weight is dequantized and multiplied in
-    float32, exactly.
+    Without the kernel, on other devices, and under torch.compile (whose one-row decode step
+    fuses dequantization into the product, see herd.infer.compile), the weight is dequantized
+    and multiplied in float32, exactly.
     """
 
     method = "int8"
@@ -63,7 +64,7 @@ class Int8Linear(DequantizingLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        if self.use_kernel and _has_int8_kernel(x.device):
+        if self.use_kernel and _has_int8_kernel(x.device) and not torch.compiler.is_compiling():
             x2 = x2.to(KERNEL_DTYPE).contiguous()
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scales.to(KERNEL_DTYPE))
         else:
