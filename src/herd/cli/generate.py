@@ -42,7 +42,7 @@ MaxSeqLen = Annotated[
 ]
 
 
-def _load(
+def load_llama(
     model: str, dtype: str | None, quantize: str | None, max_seq_len: int | None, compile: bool
 ) -> Llama:
     from herd.checkpoint import CheckpointError
@@ -75,7 +75,7 @@ def generate(
     compile: Compile = False,
 ) -> None:
     """Continue a prompt (no chat format) and stream the continuation."""
-    llama = _load(model, dtype, quantize, max_seq_len, compile)
+    llama = load_llama(model, dtype, quantize, max_seq_len, compile)
     sampling = _sampling(temperature, top_p, top_k, seed)
     try:
         for delta in llama.stream(prompt, max_new_tokens=max_new_tokens, **sampling):
@@ -106,7 +106,7 @@ def chat(
 
     History is kept within the context window: when full, the oldest turns go, with a notice.
     """
-    llama = _load(model, dtype, quantize, max_seq_len, compile)
+    llama = load_llama(model, dtype, quantize, max_seq_len, compile)
     session = ChatSession(llama, system, max_new_tokens, _sampling(temperature, top_p, top_k, seed))
     if message is not None:
         session.reply(message)

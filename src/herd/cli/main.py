@@ -14,6 +14,7 @@ from rich.table import Table
 
 from herd.cli import generate as generate_cli
 from herd.cli import quantize as quantize_cli
+from herd.cli import serve as serve_cli
 from herd.cli import tokenizer as tokenizer_cli
 from herd.cli.common import console, fail
 
@@ -28,6 +29,7 @@ app.add_typer(tokenizer_cli.app, name="tokenizer")
 app.command()(generate_cli.generate)
 app.command()(generate_cli.chat)
 app.command()(quantize_cli.quantize)
+app.command()(serve_cli.serve)
 
 
 def _human_bytes(n: float) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,104 +10,12 @@ import torch
 
 from herd.infer.generate import Step, decode_steps
 from herd.infer.sampling import SamplingParams
+from herd.infer.text import Completion, GeneratedText
 from herd.model import Transformer
 from herd.tokenizer import Tokenizer, chat_format
 
 Prompt = str | Sequence[int]
 Messages = Sequence[Mapping[str, Any]]
-
-
-@dataclass
-class Completion:
-    """One generated continuation.
-
-    token_ids are the new tokens only; a stop token that ended generation is included, its text
-    is not. finish_reason is "stop" (a stop token or stop string) or "length" (max_new_tokens,
-    or the context window, was reached). logprobs (when asked for) are, per new token, its
-    log-probability under the raw model distribution (before penalties, temperature, filters).
-    """
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    logprobs: list[float] | None = None
-
-
-@dataclass
-class _Row:
-    """Generation state of one prompt: its ids, text, and whether (and why) it is done."""
-
-    prompt_tokens: int
-    budget: int
-    stop_ids: frozenset[int]
-    stops: tuple[str, ...]
-    decoder: Any
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-    finish_reason: str | None = None
-    stopped_by_string: bool = False
-
-    def __post_init__(self) -> None:
-        if self.budget <= 0:
-            self.finish_reason = "length"
-
-    def add(self, token: int, logprob: float | None) -> None:
-        if self.finish_reason is not None:
-            return
-        self.ids.append(token)
-        if logprob is not None:
-            self.logprobs.append(logprob)
-        if token in self.stop_ids:
-            self._finish("stop")
-            return
-        self._extend(self.decoder.add(token))
-        if self.finish_reason is None and len(self.ids) >= self.budget:
-            self._finish("length")
-
-    def _finish(self, reason: str) -> None:
-        self.finish_reason = reason
-        self._extend(self.decoder.flush())
-
-    def _extend(self, delta: str) -> None:
-        if not delta or self.stopped_by_string:
-            return
-        # A stop string may straddle the old text and the new delta.
-        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0) + 1)
-        self.text += delta
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.stopped_by_string = True
-            self.finish_reason = "stop"
-
-    def pending(self) -> str:
-        """Text not yet streamed that can no longer turn out to be part of a stop string."""
-        end = len(self.text)
-        if self.finish_reason is None:
-            end -= _stop_prefix_length(self.text, self.stops)
-        delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
-        return delta
-
-    def completion(self) -> Completion:
-        return Completion(
-            self.text,
-            self.ids,
-            self.finish_reason or "length",
-            self.prompt_tokens,
-            self.logprobs if self.logprobs else None,
-        )
-
-
-def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that begins some stop string."""
-    longest = min(len(text), max((len(s) for s in stops), default=1) - 1)
-    for n in range(longest, 0, -1):
-        if any(s.startswith(text[-n:]) for s in stops):
-            return n
-    return 0
 
 
 class Llama:
@@ -238,15 +145,15 @@ class Llama:
             ids = self.chat_format.encode_dialog(prompt, add_generation_prompt=True)
         else:
             ids = self.encode(prompt)
-        rows: list[_Row] = []
+        rows: list[GeneratedText] = []
         for _ in self._steps([ids], rows, **kwargs):
             if delta := rows[0].pending():
                 yield delta
         if delta := rows[0].pending():
             yield delta
 
-    def _complete(self, prompts: list[list[int]], **kwargs: Any) -> list[_Row]:
-        rows: list[_Row] = []
+    def _complete(self, prompts: list[list[int]], **kwargs: Any) -> list[GeneratedText]:
+        rows: list[GeneratedText] = []
         for _ in self._steps(prompts, rows, **kwargs):
             pass
         return rows
@@ -254,7 +161,7 @@ class Llama:
     def _steps(
         self,
         prompts: list[list[int]],
-        rows: list[_Row],
+        rows: list[GeneratedText],
         max_new_tokens: int = 256,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
@@ -305,11 +212,11 @@ class Llama:
         max_new_tokens: int,
         stop: str | Sequence[str] | None,
         stop_ids: Sequence[int] | None,
-    ) -> list[_Row]:
+    ) -> list[GeneratedText]:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         ends = frozenset(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
         return [
-            _Row(
+            GeneratedText(
                 prompt_tokens=len(ids),
                 budget=min(max_new_tokens, self.max_seq_len - len(ids)),
                 stop_ids=ends,

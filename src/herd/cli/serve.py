@@ -1,0 +1,79 @@
+"""`herd serve`: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from herd.cli.common import console, fail
+from herd.cli.generate import DEFAULT_MODEL, Dtype, MaxSeqLen, Model, Quantize
+
+
+def serve(
+    model: Model = DEFAULT_MODEL,
+    host: Annotated[
+        str, typer.Option(help="Address to bind. The default serves this machine only.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="HERD_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on /v1 requests (401 otherwise).",
+        ),
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="Sequences decoded together per step.")
+    ] = 32,
+    max_queue: Annotated[
+        int,
+        typer.Option("--max-queue", help="Waiting requests beyond which new ones get a 429."),
+    ] = 64,
+    kv_cache_mib: Annotated[
+        int, typer.Option("--kv-cache-mib", help="Memory for the paged KV cache.")
+    ] = 512,
+    block_size: Annotated[int, typer.Option(help="Tokens per KV cache block.")] = 16,
+    prefill_chunk: Annotated[
+        int, typer.Option(help="Most prompt tokens prefilled per engine step.")
+    ] = 256,
+    served_name: Annotated[
+        str | None, typer.Option(help="Model name reported by /v1/models. Default: --model.")
+    ] = None,
+    dtype: Dtype = None,
+    quantize: Quantize = None,
+    max_seq_len: MaxSeqLen = None,
+) -> None:
+    """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models),
+    with continuous batching, a paged KV cache with prefix caching, /health and /metrics.
+
+    SIGTERM or Ctrl-C stops accepting requests, lets in-flight ones finish (up to 30 s), and
+    exits 0.
+    """
+    import uvicorn
+
+    from herd.cli.generate import load_llama
+    from herd.serve.api import ServerConfig, create_app
+    from herd.serve.engine import Engine
+
+    llama = load_llama(model, dtype, quantize, max_seq_len, compile=False)
+    try:
+        engine = Engine(
+            llama.model,
+            llama.tokenizer,
+            max_batch=max_batch,
+            block_size=block_size,
+            prefill_chunk=prefill_chunk,
+            max_seq_len=llama.max_seq_len,
+            cache_bytes=kv_cache_mib * 2**20,
+        )
+    except ValueError as e:
+        fail(str(e))
+    config = ServerConfig(served_name or model, api_key=api_key, max_queue=max_queue)
+    app = create_app(llama, engine, config)
+    console.print(
+        f"[dim]herd serving {config.model_name} on http://{host}:{port}/v1 "
+        f"({engine.total_blocks} KV blocks of {block_size} tokens, batch {max_batch})[/]"
+    )
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)

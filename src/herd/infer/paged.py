@@ -1,0 +1,191 @@
+"""A paged KV cache: fixed-size blocks shared by many sequences through block tables.
+
+Keys and values of every layer live in one pool of `num_blocks * block_size` token slots. A
+sequence owns a list of blocks (its block table); token i of it sits in slot
+`table[i // block_size] * block_size + i % block_size`. Blocks are handed out from a free list
+and given back when a sequence finishes, so sequences of any length share the memory.
+
+Prefix caching: a full block is named by a hash of its tokens and of everything before them.
+When a new sequence starts with the same tokens (a shared system prompt, the other choices of
+an `n > 1` request), it takes the cached block instead of computing it again. Freed blocks
+keep their contents and name until the free list needs them, oldest first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from herd.config import ModelConfig
+from herd.model.rope import inverse_frequencies, rope_cos_sin
+
+
+class OutOfBlocks(RuntimeError):
+    """No free block is left; the scheduler preempts a sequence and tries again."""
+
+
+def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
+    return hash((parent, tuple(tokens)))
+
+
+class BlockManager:
+    """Which blocks are free, which are in use (and by how many sequences), and which hold a
+    known prefix. Pure bookkeeping: no tensors."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("need at least one block of at least one token")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.refs = [0] * num_blocks
+        # Free blocks in eviction order; those with a name are still reusable by hash.
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.by_hash: dict[int, int] = {}
+        self.hash_of: dict[int, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self) -> int:
+        """A block for new tokens, taking the oldest free one (and forgetting its name)."""
+        if not self.free:
+            raise OutOfBlocks("the KV cache is full")
+        block, _ = self.free.popitem(last=False)
+        if (name := self.hash_of.pop(block, None)) is not None:
+            del self.by_hash[name]
+        self.refs[block] = 1
+        return block
+
+    def cached_prefix(self, tokens: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Blocks already holding the leading full blocks of `tokens`, claimed for the caller,
+        and their names. Stops at the first miss. The last token is never covered: its logits
+        are needed, so at least one token is always computed."""
+        blocks, names, parent = [], [], None
+        size = self.block_size
+        for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % size, size):
+            name = block_hash(parent, tokens[start : start + size])
+            block = self.by_hash.get(name)
+            if block is None:
+                break
+            if self.refs[block] == 0:
+                del self.free[block]
+            self.refs[block] += 1
+            blocks.append(block)
+            names.append(name)
+            parent = name
+        return blocks, names
+
+    def name(self, block: int, name: int) -> None:
+        """Record that a full, written block holds the prefix called `name`."""
+        if name in self.by_hash or block in self.hash_of:
+            return  # another sequence computed the same prefix first; keep that one
+        self.by_hash[name] = block
+        self.hash_of[block] = name
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """Give back a sequence's blocks; named ones stay findable until reused."""
+        for block in reversed(blocks):  # a table's tail is evicted before its shared head
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free[block] = None
+
+
+class PagedKVCache:
+    """The slot pools: per layer, keys and values of shape (slots, n_kv_heads, head_dim)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        slots = num_blocks * block_size
+        shape = (slots, config.n_kv_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.blocks = BlockManager(num_blocks, block_size)
+        inv_freq = inverse_frequencies(
+            config.head_dim, config.rope_theta, config.rope_scaling, torch.device(device)
+        )
+        self.cos, self.sin = rope_cos_sin(torch.arange(config.max_seq_len, device=device), inv_freq)
+
+    @classmethod
+    def for_model(
+        cls, model: torch.nn.Module, num_blocks: int, block_size: int = 16
+    ) -> PagedKVCache:
+        weight = model.tok_embeddings.weight
+        return cls(model.config, num_blocks, block_size, weight.dtype, weight.device)
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim
+        return per_token * block_size * dtype.itemsize
+
+    def view(
+        self, tables: Sequence[Sequence[int]], starts: Sequence[int], new_tokens: int
+    ) -> PagedView:
+        """The cache as one forward pass sees it: row b writes `new_tokens` tokens from position
+        `starts[b]` on, through block table `tables[b]`, and reads everything up to them."""
+        return PagedView(self, tables, starts, new_tokens)
+
+
+class PagedView:
+    """`KVCacheLike` for one forward pass over a batch of sequences in a `PagedKVCache`.
+
+    Each row's keys are gathered in token order into a (batch, n_kv_heads, width, head_dim)
+    tensor, width the longest row's length (shorter rows padded with slot 0), and `mask()`
+    hides from each query the keys after its own position, padding included.
+    """
+
+    length = 0  # Transformer.forward reads it only to default positions and mask; both given
+
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        tables: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        new_tokens: int,
+    ):
+        self.cache = cache
+        device = cache.keys[0].device
+        size = cache.blocks.block_size
+        ends = [s + new_tokens for s in starts]
+        width = max(ends)
+        token = torch.arange(width, device=device)
+        rows = []
+        for table, end in zip(tables, ends):
+            blocks = torch.tensor(list(table), dtype=torch.long, device=device)
+            used = token[:end]
+            slots = blocks[used // size] * size + used % size
+            rows.append(torch.nn.functional.pad(slots, (0, width - end)))  # pads read slot 0
+        self.read_slots = torch.stack(rows)  # (batch, width)
+        start = torch.tensor(list(starts), device=device)
+        self.positions = start[:, None] + torch.arange(new_tokens, device=device)  # (batch, new)
+        self.write_slots = self.read_slots.gather(1, self.positions).reshape(-1)
+        self.ends = torch.tensor(ends, device=device)
+
+    def mask(self) -> torch.Tensor:
+        """(batch, 1, new, width): query at position p sees keys at positions <= p."""
+        width = self.read_slots.shape[1]
+        keys = torch.arange(width, device=self.read_slots.device)
+        return (keys <= self.positions[..., None])[:, None]
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.cos[positions], self.cache.sin[positions]
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        # (batch, kv, new, d) -> (batch * new, kv, d), the order of write_slots
+        keys.index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(-1, *keys.shape[1:]))
+        values.index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(-1, *keys.shape[1:]))
+        # (batch, width, kv, d) -> (batch, kv, width, d)
+        return keys[self.read_slots].transpose(1, 2), values[self.read_slots].transpose(1, 2)
+
+    def advance(self, n: int) -> None:
+        pass

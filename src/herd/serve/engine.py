@@ -1,0 +1,395 @@
+"""The serving engine: continuous batching over a paged KV cache, in its own thread.
+
+Every iteration the scheduler admits waiting sequences while the batch and the cache have
+room, runs one prefill chunk (at most `prefill_chunk` prompt tokens of one sequence, so long
+prompts never stall the others for long), then one decode step for every sequence that has
+a token to feed. Finished and cancelled sequences leave at once and give their blocks back.
+When a sequence needs a block and none is free, the youngest running sequence is preempted:
+its blocks are freed and it waits to be recomputed from its prompt and the tokens it has
+already produced (its output so far stands). Requests arrive and results leave through
+thread-safe callbacks, so an asyncio server never blocks on the model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from herd.infer.paged import OutOfBlocks, PagedKVCache, block_hash
+from herd.infer.sampling import SamplingParams, sample, token_logprobs
+from herd.infer.text import GeneratedText
+from herd.model import Transformer
+from herd.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Event:
+    """One new token of one choice, or the end of it. text: what can be streamed now."""
+
+    request_id: str
+    index: int
+    text: str
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Request:
+    """A generation request: `n` choices continuing the same prompt.
+
+    max_tokens is the budget of new tokens per choice (the caller has checked that the prompt
+    plus it fits the context window). on_event is called from the engine thread.
+    """
+
+    id: str
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0))
+    n: int = 1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_ids: frozenset[int] | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    on_event: Callable[[Event], None] = lambda event: None
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class _Sequence:
+    """One choice of a request: its tokens, its place in the cache, its output text."""
+
+    def __init__(self, request: Request, index: int, text: GeneratedText, order: int):
+        self.request, self.index, self.text, self.order = request, index, text, order
+        self.tokens = list(request.prompt)
+        self.table: list[int] = []
+        self.names: list[int] = []  # prefix names of the leading full blocks
+        self.computed = 0  # tokens whose keys and values are in the cache
+        self.generator = None
+        if request.seed is not None:
+            self.generator = torch.Generator().manual_seed(request.seed + index)
+        self.counts: torch.Tensor | None = None  # generated-token counts, for penalties
+        self.seen: torch.Tensor | None = None  # prompt tokens, for the repetition penalty
+
+    @property
+    def pending(self) -> int:
+        return len(self.tokens) - self.computed
+
+
+@dataclass
+class EngineStats:
+    """Counters the server exports as metrics (read from any thread)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    prefix_blocks_queried: int = 0  # full prompt blocks looked up in the prefix cache
+    prefix_blocks_hit: int = 0
+    preemptions: int = 0
+    steps: int = 0  # forward passes
+    last_batch: int = 0  # sequences in the latest forward pass
+    batched_sequences: int = 0  # summed over forward passes: / steps is the mean batch
+
+
+class Engine:
+    """Continuous batching over a `PagedKVCache`. `start()` runs the loop in a daemon thread;
+    `submit()` and `cancel()` are safe from any thread."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        max_batch: int = 32,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        prefill_chunk: int = 256,
+        max_seq_len: int | None = None,
+        cache_bytes: int = 512 * 2**20,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.max_seq_len = max_seq_len or model.config.max_seq_len
+        dtype = model.tok_embeddings.weight.dtype
+        per_block = PagedKVCache.bytes_per_block(model.config, block_size, dtype)
+        if num_blocks is None:
+            num_blocks = max(cache_bytes // per_block, 1)
+        needed = -(-self.max_seq_len // block_size) + 1
+        if num_blocks < needed:
+            raise ValueError(
+                f"{num_blocks} KV blocks of {block_size} tokens cannot hold one full "
+                f"{self.max_seq_len}-token context: give at least {needed} blocks "
+                f"({needed * per_block / 2**20:.0f} MiB) or a smaller max_seq_len"
+            )
+        self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
+        self.stats = EngineStats()
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: list[_Sequence] = []
+        self._running: list[_Sequence] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ outside the thread
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, request: Request) -> None:
+        if not request.prompt:
+            raise ValueError("a prompt must have at least one token")
+        if len(request.prompt) + request.max_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_tokens})"
+                f" exceeds the context window of {self.max_seq_len} tokens"
+            )
+        self._inbox.put(("submit", request))
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def queue_depth(self) -> int:
+        """Sequences waiting to start, counting requests not yet picked up by the loop."""
+        return len(self._waiting) + self._inbox.qsize()
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def free_blocks(self) -> int:
+        return self.cache.blocks.num_free
+
+    @property
+    def total_blocks(self) -> int:
+        return self.cache.blocks.num_blocks
+
+    def idle(self) -> bool:
+        return not self._waiting and not self._running and self._inbox.empty()
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    self._drain(block=not (self._waiting or self._running))
+                    self._admit()
+                    self._step()
+        except BaseException as e:  # a dead engine must not hang its clients
+            self.error = e
+            for seq in self._waiting + self._running:
+                self._finish(seq, "error")
+            raise
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                item = self._inbox.get(block=block, timeout=None if block else 0)
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                return
+            kind, payload = item
+            if kind == "submit":
+                self._enqueue(payload)
+            else:
+                self._drop(payload)
+
+    def _enqueue(self, request: Request) -> None:
+        stop_ids = self.tokenizer.stop_ids if request.stop_ids is None else request.stop_ids
+        budget = min(request.max_tokens, self.max_seq_len - len(request.prompt))
+        for index in range(request.n):
+            text = GeneratedText(
+                prompt_tokens=len(request.prompt),
+                budget=budget,
+                stop_ids=frozenset(stop_ids),
+                stops=tuple(s for s in request.stop if s),
+                decoder=self.tokenizer.stream_decoder(),
+            )
+            seq = _Sequence(request, index, text, next(self._order))
+            if text.finish_reason is not None:  # max_tokens 0
+                self._finish(seq, text.finish_reason)
+                continue
+            self._waiting.append(seq)
+            self.stats.prompt_tokens += len(request.prompt)
+
+    def _drop(self, request_id: str) -> None:
+        for group in (self._waiting, self._running):
+            for seq in [s for s in group if s.request.id == request_id]:
+                group.remove(seq)
+                self._release(seq)
+
+    def _admit(self) -> None:
+        """Start waiting sequences, oldest first, while the batch and the cache have room.
+        Waiting sequences hold no blocks: a cached prefix is claimed only on admission."""
+        blocks = self.cache.blocks
+        while self._waiting and len(self._running) < self.max_batch:
+            seq = self._waiting[0]
+            seq.table, seq.names = blocks.cached_prefix(seq.tokens)
+            seq.computed = len(seq.table) * blocks.block_size
+            # Room for its first chunk, and a block each for the running ones to grow into.
+            first = min(seq.pending, self.prefill_chunk)
+            need = self._blocks_for(seq, first) + len(self._running)
+            if blocks.num_free < need and self._running:
+                self._release(seq)
+                seq.names, seq.computed = [], 0
+                return
+            self.stats.cached_prompt_tokens += seq.computed
+            self.stats.prefix_blocks_queried += (len(seq.tokens) - 1) // blocks.block_size
+            self.stats.prefix_blocks_hit += len(seq.table)
+            self._waiting.pop(0)
+            self._running.append(seq)
+
+    def _step(self) -> None:
+        prefill = next((s for s in self._running if s.pending > 1), None)
+        if prefill is not None:
+            self._forward([prefill], min(prefill.pending, self.prefill_chunk))
+        decode = [s for s in self._running if s.pending == 1]
+        if decode:
+            self._forward(decode, 1)
+
+    # ------------------------------------------------------------------ one forward pass
+
+    def _forward(self, seqs: list[_Sequence], new: int) -> None:
+        seqs = self._reserve(seqs, new)
+        if not seqs:
+            return
+        tables = [s.table for s in seqs]
+        starts = [s.computed for s in seqs]
+        view = self.cache.view(tables, starts, new)
+        tokens = torch.tensor([s.tokens[s.computed : s.computed + new] for s in seqs])
+        device = self.model.tok_embeddings.weight.device
+        logits = self.model(
+            tokens.to(device), view.positions, view.mask(), cache=view, last_only=True
+        )
+        self.stats.steps += 1
+        self.stats.last_batch = len(seqs)
+        self.stats.batched_sequences += len(seqs)
+        for row, seq in enumerate(seqs):
+            seq.computed += new
+            self._name_blocks(seq)
+            if seq.pending == 0:  # its last token's logits give the next token
+                self._emit(seq, logits[row, -1])
+
+    def _reserve(self, seqs: list[_Sequence], new: int) -> list[_Sequence]:
+        """Blocks for `new` more tokens of each sequence, preempting the youngest running
+        sequences when the cache is full; returns the sequences still running."""
+        for seq in sorted(seqs, key=lambda s: s.order):
+            while seq in self._running:
+                try:
+                    for _ in range(self._blocks_for(seq, new)):
+                        seq.table.append(self.cache.blocks.allocate())
+                    break
+                except OutOfBlocks:
+                    self._preempt(max(self._running, key=lambda s: s.order))
+        return [s for s in seqs if s in self._running]
+
+    def _blocks_for(self, seq: _Sequence, new: int) -> int:
+        size = self.cache.blocks.block_size
+        return max(0, -(-(seq.computed + new) // size) - len(seq.table))
+
+    def _preempt(self, seq: _Sequence) -> None:
+        self._running.remove(seq)
+        self._release(seq)
+        seq.table, seq.names, seq.computed = [], [], 0
+        self._waiting.insert(0, seq)
+        self._waiting.sort(key=lambda s: s.order)
+        self.stats.preemptions += 1
+
+    def _release(self, seq: _Sequence) -> None:
+        self.cache.blocks.release(seq.table)
+        seq.table = []
+
+    def _name_blocks(self, seq: _Sequence) -> None:
+        size = self.cache.blocks.block_size
+        while len(seq.names) < seq.computed // size:
+            i = len(seq.names)
+            parent = seq.names[-1] if seq.names else None
+            name = block_hash(parent, seq.tokens[i * size : (i + 1) * size])
+            self.cache.blocks.name(seq.table[i], name)
+            seq.names.append(name)
+
+    # ------------------------------------------------------------------ sampling and output
+
+    def _emit(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        request = seq.request
+        logits = logits.float()[None]
+        seen, counts = self._penalty_state(seq, logits.shape[-1])
+        token = sample(logits, request.params, seq.generator, seen, counts)
+        token_id = int(token[0])
+        logprob = top = None
+        if request.logprobs:
+            logprob = float(token_logprobs(logits, token)[0])
+            if request.top_logprobs:
+                values, ids = logits.log_softmax(-1)[0].topk(request.top_logprobs)
+                top = list(zip(ids.tolist(), values.tolist()))
+        if counts is not None:
+            counts[0, token_id] += 1
+        seq.tokens.append(token_id)
+        self.stats.generated_tokens += 1
+        seq.text.add(token_id, logprob)
+        event = Event(request.id, seq.index, seq.text.pending(), token_id, logprob, top)
+        request.on_event(event)
+        if seq.text.finish_reason is not None:
+            self._running.remove(seq)
+            self._release(seq)
+            self._finish(seq, seq.text.finish_reason)
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        event = Event(seq.request.id, seq.index, seq.text.pending(), None, finish_reason=reason)
+        seq.request.on_event(event)
+
+    def _penalty_state(
+        self, seq: _Sequence, vocab: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not seq.request.params.uses_penalties:
+            return None, None
+        if seq.counts is None:
+            seq.seen = torch.zeros(1, vocab, dtype=torch.bool)
+            seq.seen[0, seq.request.prompt] = True
+            seq.counts = torch.zeros(1, vocab, dtype=torch.long)
+        return seq.seen, seq.counts
+
+
+def run_to_completion(engine: Engine, requests: Sequence[Request]) -> dict[str, list[list[Event]]]:
+    """Submit `requests` to a started engine and wait for all of them: each request's events,
+    per choice. For tests and offline batch jobs."""
+    done = threading.Semaphore(0)
+    events: dict[str, list[list[Event]]] = {r.id: [[] for _ in range(r.n)] for r in requests}
+    for request in requests:
+
+        def on_event(event: Event) -> None:
+            events[event.request_id][event.index].append(event)
+            if event.finish_reason is not None:
+                done.release()
+
+        request.on_event = on_event
+        engine.submit(request)
+    for request in requests:
+        for _ in range(request.n):
+            done.acquire()
+    return events
