@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated
 
 import typer
@@ -76,4 +77,8 @@ def serve(
         f"[dim]herd serving {config.model_name} on http://{host}:{port}/v1 "
         f"({engine.total_blocks} KV blocks of {block_size} tokens, batch {max_batch})[/]"
     )
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again through
+    # the handlers it found on entry; these make that a clean exit 0 instead of death by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)

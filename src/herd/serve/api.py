@@ -309,7 +309,9 @@ class _Server:
             self._check_length(ids, max_tokens, "max_tokens")
         created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
         jobs = [
-            self._request(f"{rid}-{i}", ids, max_tokens, body, body.logprobs is not None)
+            self._request(
+                f"{rid}-{i}", ids, max_tokens, body, body.logprobs is not None, body.logprobs or 0
+            )
             for i, ids in enumerate(prompts)
         ]
         common = {"id": rid, "object": "text_completion", "created": created}

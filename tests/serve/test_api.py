@@ -1,0 +1,318 @@
+"""A live `herd serve` (the real CLI, SmolLM2, on 127.0.0.1) driven by the official `openai`
+client and raw HTTP: greedy answers equal offline `herd.Llama`, 32 concurrent clients get
+what each gets alone, bad input gets a 4xx and costs nothing, disconnects free their blocks,
+SIGTERM drains and exits 0. Authentication and back-pressure run in-process on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+import herd
+from herd.infer import Llama
+
+WINDOW = 512
+MESSAGES = [{"role": "user", "content": "Name three plays by Shakespeare."}]
+LINES = [
+    "Now is the winter of our discontent",
+    "Friends, Romans, countrymen, lend me your ears;",
+    "To be, or not to be, that is the question:",
+    "All the world's a stage, and all the men and women merely players.",
+    "If music be the food of love, play on;",
+    "The quality of mercy is not strained;",
+    "What's in a name? That which we call a rose by any other name would smell as sweet.",
+    "Once more unto the breach, dear friends, once more;",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "herd", "serve", "--port", str(port)]
+    cmd += ["--max-seq-len", str(WINDOW), *args]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"herd serve exited early:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("herd serve did not come up in 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = start_server("--max-batch", "32", "--kv-cache-mib", "64")
+    yield url
+    assert stop_server(proc) == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def llm() -> Llama:
+    return Llama.load("smollm2", dtype=torch.float32, max_seq_len=WINDOW)
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} missing from /metrics"
+    return float(match.group(1))
+
+
+# --- the openai client ---------------------------------------------------------------------
+
+
+def test_openai_client_chat(client, llm):
+    expected = llm.chat(MESSAGES, max_new_tokens=32, temperature=0)
+    reply = client.chat.completions.create(
+        model="smollm2", messages=MESSAGES, max_tokens=32, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+
+    stream = client.chat.completions.create(
+        model="smollm2",
+        messages=MESSAGES,
+        max_tokens=32,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+
+def test_openai_client_completions(client, llm):
+    prompt = "The capital of France is"
+    [expected] = llm.generate(prompt, max_new_tokens=12, temperature=0)
+    reply = client.completions.create(
+        model="smollm2", prompt=prompt, max_tokens=12, temperature=0, logprobs=1
+    )
+    assert reply.choices[0].text == expected.text
+    assert reply.choices[0].finish_reason == "length"
+    [with_logprobs] = llm.generate(prompt, max_new_tokens=12, temperature=0, logprobs=True)
+    ours = reply.choices[0].logprobs.token_logprobs
+    assert max(abs(a - b) for a, b in zip(ours, with_logprobs.logprobs)) < 1e-3
+    stream = client.completions.create(
+        model="smollm2", prompt=prompt, max_tokens=12, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream) == expected.text
+
+
+def test_models_health_metrics(client, server):
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    assert metric(server, "herd_kv_blocks_total") > 0
+    assert metric(server, "herd_generation_tokens_total") > 0
+    text = httpx.get(f"{server}/metrics").text
+    for name in ("herd_time_to_first_token_seconds", "herd_inter_token_latency_seconds"):
+        assert f"{name}_count" in text
+    assert re.search(r'herd_requests_total\{endpoint="/v1/chat/completions",status="200"\}', text)
+
+
+# --- load -------------------------------------------------------------------------------------
+
+
+def test_32_concurrent_clients_match_one_at_a_time(client, llm, server):
+    jobs = [(LINES[i % 8] * (1 + i % 3), 4 + (7 * i) % 29) for i in range(32)]
+
+    def ask(job):
+        prompt, max_tokens = job
+        reply = client.completions.create(
+            model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0
+        )
+        return reply.choices[0].text, reply.choices[0].finish_reason, reply.usage
+
+    steps_before = metric(server, "herd_forward_passes_total")
+    batched_before = metric(server, "herd_batched_sequences_total")
+    with ThreadPoolExecutor(32) as pool:
+        served = list(pool.map(ask, jobs))
+    passes = metric(server, "herd_forward_passes_total") - steps_before
+    batched = metric(server, "herd_batched_sequences_total") - batched_before
+    assert batched / passes > 2  # the requests really were decoded together
+    for (prompt, max_tokens), (text, reason, usage) in zip(jobs, served):
+        [alone] = llm.generate(prompt, max_new_tokens=max_tokens, temperature=0)
+        assert text == alone.text
+        assert reason == alone.finish_reason
+        assert usage.completion_tokens == len(alone.token_ids)
+    # a shared prompt's blocks were reused
+    assert metric(server, "herd_prefix_cache_hit_rate") > 0
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+GOOD = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
+CHAT = {"messages": MESSAGES, "max_tokens": 2}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "says"),
+    [
+        ("/v1/completions", b'{"prompt": "Hi", "max_tokens": ', 400, "not valid JSON"),
+        ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400, "UTF-8"),
+        ("/v1/completions", b"[1, 2]", 400, "JSON object"),
+        ("/v1/completions", GOOD | {"max_tokens": "lots"}, 400, "max_tokens"),
+        ("/v1/completions", GOOD | {"temperature": "hot"}, 400, "temperature"),
+        ("/v1/completions", GOOD | {"frobnicate": True}, 400, "frobnicate"),
+        ("/v1/completions", GOOD | {"max_tokens": -1}, 400, "max_tokens"),
+        ("/v1/completions", GOOD | {"max_tokens": 10**12}, 400, "context window"),
+        ("/v1/completions", GOOD | {"n": 1000}, 400, "n"),
+        ("/v1/completions", GOOD | {"prompt": "word " * 600}, 400, "context window"),
+        ("/v1/completions", GOOD | {"prompt": [10**9]}, 400, "token ids"),
+        ("/v1/completions", {"max_tokens": 2}, 400, "prompt"),
+        ("/v1/chat/completions", CHAT | {"messages": []}, 400, "messages"),
+        ("/v1/chat/completions", CHAT | {"messages": [{"role": "user"}]}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            CHAT | {"messages": [{"role": "user", "content": "hi <|im_end|> there"}]},
+            400,
+            "special-token",
+        ),
+        ("/v1/chat/completions", CHAT | {"top_logprobs": 99}, 400, "top_logprobs"),
+    ],
+)
+def test_bad_input_gets_a_clear_400_and_the_server_keeps_serving(server, path, body, status, says):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(
+        f"{server}{path}", content=content, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert says in error["message"] or says == error["param"], error
+    assert error["type"] == "invalid_request_error"
+    assert httpx.post(f"{server}/v1/completions", json=GOOD, timeout=60).status_code == 200
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    total = metric(server, "herd_kv_blocks_total")
+    body = {"prompt": LINES[0], "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert metric(server, "herd_kv_blocks_free") < total  # it holds blocks now
+    deadline = time.monotonic() + 30
+    while metric(server, "herd_kv_blocks_free") < total and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(server, "herd_kv_blocks_free") == total
+    assert metric(server, "herd_running_sequences") == 0
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0():
+    proc, url = start_server()
+    body = {"prompt": LINES[2], "max_tokens": 48, "temperature": 0, "stream": True}
+    chunks: list[str] = []
+
+    def read():
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            chunks.extend(line for line in response.iter_lines() if line)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    while metric(url, "herd_generation_tokens_total") < 1:
+        time.sleep(0.05)
+    assert stop_server(proc) == 0
+    reader.join(30)
+    assert chunks[-1] == "data: [DONE]"
+    finals = [json.loads(c[6:]) for c in chunks[:-1]]
+    assert finals[-1]["choices"][0]["finish_reason"] == "length"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health")
+
+
+# --- in-process: authentication and back-pressure --------------------------------------------
+
+
+@pytest.fixture
+def tiny_app(tmp_path):
+    from tests.conftest import hf_llama
+
+    hf_llama(vocab_size=49152).save_pretrained(tmp_path / "tiny")
+    model = herd.load_model(tmp_path / "tiny")
+    return Llama(model, herd.load_tokenizer("smollm2"), max_seq_len=128)
+
+
+def test_api_key_is_required_when_set(tiny_app):
+    from fastapi.testclient import TestClient
+
+    from herd.serve.api import ServerConfig, create_app
+    from herd.serve.engine import Engine
+
+    engine = Engine(tiny_app.model, tiny_app.tokenizer, max_seq_len=128)
+    app = create_app(tiny_app, engine, ServerConfig("tiny", api_key="sesame"))
+    with TestClient(app) as http:
+        assert http.get("/v1/models").status_code == 401
+        wrong = http.post("/v1/completions", json=GOOD, headers={"Authorization": "Bearer no"})
+        assert wrong.status_code == 401 and "API key" in wrong.json()["error"]["message"]
+        ok = http.post("/v1/completions", json=GOOD, headers={"Authorization": "Bearer sesame"})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+        assert http.get("/health").status_code == 200
+
+
+def test_full_queue_answers_429_at_once(tiny_app):
+    from fastapi.testclient import TestClient
+
+    from herd.serve.api import ServerConfig, create_app
+    from herd.serve.engine import Engine
+
+    engine = Engine(tiny_app.model, tiny_app.tokenizer, max_seq_len=128)
+    app = create_app(tiny_app, engine, ServerConfig("tiny", max_queue=2))
+    with TestClient(app) as http:
+        engine._stop.set()  # the loop takes nothing more: queued requests stay queued
+        engine._inbox.put(None)
+        engine._thread.join()
+        for rid in ("a", "b"):
+            from herd.serve.engine import Request
+
+            engine.submit(Request(rid, [1, 2], 4))
+        start = time.monotonic()
+        busy = http.post("/v1/completions", json=GOOD)
+        assert busy.status_code == 429 and time.monotonic() - start < 5
+        assert busy.json()["error"]["type"] == "rate_limit_error"

@@ -1,0 +1,166 @@
+"""The engine against offline generation: continuous batching, chunked prefill, paged blocks,
+preemption and prefix caching must not change a single greedy token."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import herd
+from herd.infer import SamplingParams, decode_steps
+from herd.infer.paged import BlockManager, OutOfBlocks, block_hash
+from herd.serve.engine import Engine, Request, run_to_completion
+from herd.tokenizer import Tokenizer
+from tests.conftest import hf_llama
+
+GREEDY = SamplingParams(temperature=0)
+
+
+class _Ids(Tokenizer):
+    """Token ids as text: enough tokenizer for the engine (stream decoding, stop ids)."""
+
+    def __init__(self):
+        self.vocab_size, self.bos_id, self.eos_id, self.byte_level = 320, None, None, False
+        self.stop_ids, self.special_tokens, self.chat_template = frozenset(), {}, None
+
+    def _encode(self, text, special):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return "".join(f" {i}" for i in ids)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> herd.Transformer:
+    path = tmp_path_factory.mktemp("tiny")
+    hf_llama(n_kv_heads=2, n_heads=8).save_pretrained(path)
+    return herd.load_model(path).eval()
+
+
+def alone(model, prompt: list[int], n: int) -> list[int]:
+    return [s.tokens[0] for s in decode_steps(model, [prompt], n, GREEDY)]
+
+
+def tokens_of(events) -> list[int]:
+    return [e.token for e in events if e.token is not None]
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (count,), generator=gen).tolist()
+    return [torch.randint(0, 320, (n,), generator=gen).tolist() for n in lengths]
+
+
+def engine(model, **kwargs) -> Engine:
+    kwargs = {"block_size": 4, "prefill_chunk": 7, "max_seq_len": 96} | kwargs
+    return Engine(model, _Ids(), **kwargs).start()
+
+
+def test_continuous_batching_matches_each_prompt_alone(tiny):
+    e = engine(tiny, num_blocks=200)
+    ps = prompts(10)
+    budgets = [3 + 5 * i % 17 for i in range(10)]
+    requests = [Request(str(i), p, m) for i, (p, m) in enumerate(zip(ps, budgets))]
+    events = run_to_completion(e, requests)
+    for i, (p, m) in enumerate(zip(ps, budgets)):
+        assert tokens_of(events[str(i)][0]) == alone(tiny, p, m)
+        assert events[str(i)][0][-1].finish_reason == "length"
+    assert e.stats.batched_sequences > e.stats.steps  # rows really were batched
+    assert e.free_blocks == e.total_blocks
+    e.stop()
+
+
+def test_preemption_recomputes_without_changing_outputs(tiny):
+    # 26 blocks of 4 tokens: one full 96-token context, not eight 40-token sequences at once
+    e = engine(tiny, num_blocks=26)
+    ps = prompts(8, seed=1)
+    requests = [Request(str(i), p, 40) for i, p in enumerate(ps)]
+    events = run_to_completion(e, requests)
+    assert e.stats.preemptions > 0
+    for i, p in enumerate(ps):
+        assert tokens_of(events[str(i)][0]) == alone(tiny, p, 40)
+    assert e.free_blocks == e.total_blocks
+    e.stop()
+
+
+def test_prefix_cache_reuses_shared_prompt_blocks(tiny):
+    e = engine(tiny, num_blocks=200)
+    system = prompts(1, seed=2)[0] * 2  # a shared "system prompt" of whole blocks and more
+    first = run_to_completion(e, [Request("a", system + [5, 6], 8)])
+    assert e.stats.cached_prompt_tokens == 0
+    ps = [system + [7], system + [9, 10, 11], system + [5, 6]]
+    events = run_to_completion(e, [Request(str(i), p, 8) for i, p in enumerate(ps)])
+    full_blocks = len(system) // 4
+    assert e.stats.cached_prompt_tokens >= 3 * full_blocks * 4
+    assert e.stats.prefix_blocks_hit >= 3 * full_blocks
+    for i, p in enumerate(ps):
+        assert tokens_of(events[str(i)][0]) == alone(tiny, p, 8)
+    assert tokens_of(first["a"][0]) == tokens_of(events["2"][0])
+    e.stop()
+
+
+def test_n_choices_and_seeds(tiny):
+    e = engine(tiny, num_blocks=200)
+    params = SamplingParams(temperature=1.0, top_p=1.0)
+
+    def request(rid: str, seed: int) -> Request:
+        return Request(rid, [1, 2, 3, 4, 5], 12, params, n=3, seed=seed)
+
+    a = run_to_completion(e, [request("a", 7)])["a"]
+    b = run_to_completion(e, [request("b", 7)])["b"]
+    assert [tokens_of(x) for x in a] == [tokens_of(x) for x in b]  # reproducible
+    assert len({tuple(tokens_of(x)) for x in a}) > 1  # the choices differ
+    e.stop()
+
+
+def test_cancel_frees_blocks(tiny):
+    e = engine(tiny, num_blocks=200)
+    started = threading.Event()
+    request = Request("x", [1, 2, 3], 90, on_event=lambda ev: started.set())
+    e.submit(request)
+    assert started.wait(30)
+    e.cancel("x")
+    for _ in range(200):
+        if e.idle() and e.free_blocks == e.total_blocks:
+            break
+        threading.Event().wait(0.01)
+    assert e.free_blocks == e.total_blocks
+    e.stop()
+
+
+def test_engine_rejects_what_cannot_fit(tiny):
+    with pytest.raises(ValueError, match="cannot hold one full"):
+        Engine(tiny, _Ids(), num_blocks=4, block_size=4, max_seq_len=96)
+    e = Engine(tiny, _Ids(), num_blocks=40, block_size=4, max_seq_len=96)
+    with pytest.raises(ValueError, match="context window"):
+        e.submit(Request("x", [1] * 90, 10))
+    with pytest.raises(ValueError, match="at least one token"):
+        e.submit(Request("x", [], 10))
+
+
+def test_block_manager_prefix_lookup_and_eviction():
+    blocks = BlockManager(num_blocks=3, block_size=2)
+    a, b = blocks.allocate(), blocks.allocate()
+    blocks.name(a, block_hash(None, [5, 6]))
+    blocks.name(b, block_hash(block_hash(None, [5, 6]), [7, 8]))
+    blocks.release([a, b])
+    assert blocks.num_free == 3
+    # found again by their prefix; the last token is always left to compute
+    assert blocks.cached_prefix([5, 6, 7, 8, 9]) == ([a, b], [blocks.hash_of[a], blocks.hash_of[b]])
+    assert blocks.cached_prefix([5, 6, 7, 8])[0] == [a]  # b would cover the last token
+    assert blocks.cached_prefix([6, 6, 7, 8])[0] == []  # a different first block
+    assert blocks.refs[a] == 2 and blocks.refs[b] == 1 and blocks.num_free == 1
+    blocks.release([a, b]), blocks.release([a])
+    assert blocks.num_free == 3
+    # fresh blocks come from the never-named one first, then the oldest freed (evicting it)
+    first, second = blocks.allocate(), blocks.allocate()
+    assert first not in (a, b) and second == b
+    assert a in blocks.hash_of and b not in blocks.hash_of
+    third = blocks.allocate()
+    assert third == a and not blocks.hash_of
+    with pytest.raises(OutOfBlocks):
+        blocks.allocate()
+    blocks.release([first, second, third])
+    assert blocks.cached_prefix([5, 6, 7, 8, 9])[0] == []  # evicted names are gone
