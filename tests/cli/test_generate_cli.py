@@ -18,11 +18,15 @@ def smollm2():
 def loaded(monkeypatch, smollm2):
     """`Llama.load` returns the preloaded model, with the window the command asked for."""
 
-    def load(path, dtype=None, quantize=None, max_seq_len=None):
+    def load(path, dtype=None, quantize=None, max_seq_len=None, compile=False):
         assert path == "smollm2"
+        calls.append({"compile": compile})
+        # Compiling SmolLM2 takes a minute; tests/infer/test_compile.py covers that path.
         return Llama(smollm2.model, smollm2.tokenizer, max_seq_len)
 
+    calls: list[dict] = []
     monkeypatch.setattr(Llama, "load", staticmethod(load))
+    smollm2.calls = calls
     return smollm2
 
 
@@ -42,6 +46,10 @@ def test_generate_streams_the_continuation(loaded):
     result = runner.invoke(app, ["generate", "-p", prompt, "-n", "12", "--temperature", "0"])
     assert result.exit_code == 0, result.output
     assert result.output == expected.text + "\n"
+    assert loaded.calls[-1] == {"compile": False}
+    args = ["generate", "-p", prompt, "-n", "1", "--temperature", "0", "--compile"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert loaded.calls[-1] == {"compile": True}
 
 
 def test_repl_resets_exits_and_drops_old_turns_when_the_window_is_full(loaded):
