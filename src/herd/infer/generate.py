@@ -25,7 +25,7 @@ class Step:
     logprobs: list[float] | None
 
 
-class _Batch:
+class PaddedBatch:
     """Left-padded prompts: token ids, per-row pad counts, slot validity and positions."""
 
     def __init__(self, prompts: Sequence[Sequence[int]], slots: int, device: torch.device):
@@ -66,7 +66,7 @@ class EagerRunner:
         self.model = model
         device = model.tok_embeddings.weight.device
         slots = max(len(p) for p in prompts) + max_new_tokens
-        self.batch = _Batch(prompts, slots, device)
+        self.batch = PaddedBatch(prompts, slots, device)
         self.cache = KVCache.for_model(model, len(prompts), slots)
 
     def prefill(self) -> torch.Tensor:

@@ -200,8 +200,7 @@ def create_app(llama: Llama, engine: eng.Engine, config: ServerConfig) -> FastAP
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if engine._thread is None:
-            engine.start()
+        engine.start()
         yield
         engine.stop()
 

@@ -142,8 +142,9 @@ class Engine:
     # ------------------------------------------------------------------ outside the thread
 
     def start(self) -> Engine:
-        self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
-        self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
+            self._thread.start()
         return self
 
     def stop(self) -> None:
