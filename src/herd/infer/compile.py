@@ -5,9 +5,8 @@ Two things make decoding fast beyond removing Python overhead:
   step compiles once per (batch, bucket) and, on CUDA, replays as a CUDA graph;
 - inside the step, a one-row linear layer is written as a broadcast multiply and a sum over
   the inputs (`DecodeOps`), which inductor fuses into one vectorised reduction that streams
-  the weight once (int8 weights are dequantized inside it; int4 layers keep torch's packed
-  kernel): measured on a 2-core EPYC this reads ~26 GB/s against ~17 GB/s for the BLAS GEMV
-  on the same float32 weights.
+  the weight once: measured on a 2-core EPYC this reads ~26 GB/s against ~17 GB/s for the
+  BLAS GEMV on the same float32 weights. Quantized layers keep torch's packed kernels.
 """
 
 from __future__ import annotations

@@ -114,6 +114,18 @@ def kernel_supports(out_features: int, device: torch.device) -> bool:
     )
 
 
+@torch.library.custom_op("herd::int4_weight_mm", mutates_args=())
+def int4_weight_mm(
+    x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor
+) -> torch.Tensor:
+    return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_zeros)
+
+
+@int4_weight_mm.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor):
+    return x.new_empty(x.shape[0], scales_zeros.shape[1])
+
+
 class Int4Linear(DequantizingLinear):
     """y = x @ dequantized(W).T, returned in x's dtype.
 
@@ -121,8 +133,7 @@ class Int4Linear(DequantizingLinear):
     multiple of 16 go through the fused `torch._weight_int4pack_mm_for_cpu` kernel, with
     activations, scales and zeros rounded to bfloat16 (the kernel vectorises only for 16-bit
     activations; see `Int8Linear`), on a weight repacked on first use. Otherwise the weight
-    is dequantized and multiplied in float32, exactly; so too under torch.compile, whose one-row
-    decode step fuses the dequantization into the product (herd.infer.compile).
+    is dequantized and multiplied in float32, exactly.
     """
 
     method = "int4"
@@ -182,12 +193,18 @@ class Int4Linear(DequantizingLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        fused = self.use_kernel
-        packed = self.packed_for_kernel() if fused else None
+        packed = self.packed_for_kernel() if self.use_kernel else None
         if packed is not None and x.device.type == "cpu":
             kp = padded_in_features(k, self.group_size)
             x2 = F.pad(x2.to(KERNEL_DTYPE), (0, kp - k)).contiguous()
-            y = torch._weight_int4pack_mm_for_cpu(x2, packed[0], self.group_size, packed[1])
+            # Opaque to torch.compile, as in Int8Linear: inductor's own lowering of this kernel
+            # runs ~2x slower on 8 rows (torch 2.13).
+            mm = (
+                int4_weight_mm
+                if torch.compiler.is_compiling()
+                else torch._weight_int4pack_mm_for_cpu
+            )
+            y = mm(x2, packed[0], self.group_size, packed[1])
         else:
             y = F.linear(x2.float(), self.dequantize())
         return y.reshape(*lead, self.out_features).to(x.dtype)

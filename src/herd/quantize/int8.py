@@ -24,6 +24,16 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales[:, None]
 
 
+@torch.library.custom_op("herd::int8_weight_mm", mutates_args=())
+def int8_weight_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x, qweight, scales)
+
+
+@int8_weight_mm.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
 def _has_int8_kernel(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
 
@@ -36,9 +46,8 @@ class Int8Linear(DequantizingLinear):
     accumulation): that kernel vectorises only for 16-bit activations, and there it reads the
     int8 weight at close to memory bandwidth, ~8x faster than the float32 GEMM per layer
     (torch 2.13, AVX-512 EPYC), while float32 activations run it unvectorised (~15x slower).
-    Without the kernel, on other devices, and under torch.compile (whose one-row decode step
-    fuses dequantization into the product, see herd.infer.compile), the weight is dequantized
-    and multiplied in float32, exactly.
+    Without the kernel, and on other devices, the weight is dequantized and multiplied in
+    float32, exactly.
     """
 
     method = "int8"
@@ -64,9 +73,12 @@ class Int8Linear(DequantizingLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        if self.use_kernel and _has_int8_kernel(x.device) and not torch.compiler.is_compiling():
+        if self.use_kernel and _has_int8_kernel(x.device):
             x2 = x2.to(KERNEL_DTYPE).contiguous()
-            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales.to(KERNEL_DTYPE))
+            # Under torch.compile the kernel is wrapped as an opaque custom op: inductor's own
+            # lowering of it fails (torch 2.13) on computed inputs.
+            mm = int8_weight_mm if torch.compiler.is_compiling() else torch._weight_int8pack_mm
+            y = mm(x2, self.qweight, self.scales.to(KERNEL_DTYPE))
         else:
             y = F.linear(x2.float(), self.dequantize())
         return y.reshape(*lead, self.out_features).to(x.dtype)
