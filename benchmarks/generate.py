@@ -334,6 +334,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--engines", default="herd,transformers,llama.cpp")
+    parser.add_argument("--precisions", default="", help="only these, e.g. int8,q8_0")
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench-generate")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -360,7 +361,8 @@ def main() -> None:
         paths = prepare(model, args.workdir)
         job = prompts(model) | {"threads": args.threads, "new_tokens": args.new_tokens}
         for engine, precision in CONFIGS:
-            if engine not in engines:
+            only = args.precisions.split(",") if args.precisions else [precision]
+            if engine not in engines or precision not in only:
                 continue
             r = run_config(engine, precision, paths, job)
             if r is None:

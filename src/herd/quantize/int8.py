@@ -73,7 +73,11 @@ class Int8Linear(DequantizingLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        if self.use_kernel and _has_int8_kernel(x.device):
+        if torch.compiler.is_compiling() and x2.shape[0] == 1:
+            # One row under torch.compile: herd.infer.compile's DecodeOps turns this product
+            # into one fused pass over the int8 weight, 1.4x the kernel's speed (SmolLM2).
+            y = F.linear(x2.float(), self.dequantize())
+        elif self.use_kernel and _has_int8_kernel(x.device):
             x2 = x2.to(KERNEL_DTYPE).contiguous()
             # Under torch.compile the kernel is wrapped as an opaque custom op: inductor's own
             # lowering of it fails (torch 2.13) on computed inputs.
