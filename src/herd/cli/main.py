@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from herd.cli import data as data_cli
 from herd.cli import generate as generate_cli
 from herd.cli import quantize as quantize_cli
 from herd.cli import serve as serve_cli
@@ -30,6 +31,7 @@ app.command()(generate_cli.generate)
 app.command()(generate_cli.chat)
 app.command()(quantize_cli.quantize)
 app.command()(serve_cli.serve)
+app.command()(data_cli.tokenize)
 
 
 def _human_bytes(n: float) -> str:

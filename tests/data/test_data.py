@@ -1,0 +1,166 @@
+"""Token shards and the packed loader: shard contents, skip-on-rerun, packing that loses and
+invents nothing, document ids and positions, rank sharding, determinism and exact resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import herd
+from herd.data import PackedLoader, load_shards, tokenize_corpus
+
+TEXTS = [
+    "Now is the winter of our discontent made glorious summer by this sun of York.",
+    "To be, or not to be, that is the question.",
+    "All the world's a stage, and all the men and women merely players.",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("corpus")
+    docs = list(TEXTS)
+    for i, text in enumerate(TEXTS):
+        (root / f"play{i}.txt").write_text(text * (3 + i))
+    docs = [t * (3 + i) for i, t in enumerate(TEXTS)]
+    lines = [f"Line {i}: " + " ".join(["word"] * (5 + 7 * i)) for i in range(12)]
+    (root / "more.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    return root, docs + lines
+
+
+@pytest.fixture(scope="module")
+def shards(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    return out, tokenize_corpus([corpus[0]], out, "smollm2", workers=2)
+
+
+def test_shards_hold_each_document_with_eos(corpus, shards):
+    tokenizer = herd.load_tokenizer("smollm2")
+    _, docs = corpus
+    _, written = shards
+    found = []
+    for shard in written:
+        ids, offsets = shard.token_ids(), shard.offsets()
+        assert offsets[0] == 0 and offsets[-1] == len(ids) == shard.tokens
+        found += [ids[a:b].tolist() for a, b in itertools.pairwise(offsets)]
+    expected = [tokenizer.encode(d) + [tokenizer.eos_id] for d in docs]
+    assert Counter(map(tuple, found)) == Counter(map(tuple, expected))
+
+
+def test_rerun_skips_finished_shards_and_refuses_other_inputs(corpus, shards, tmp_path):
+    out, written = shards
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*.bin")}
+    again = tokenize_corpus([corpus[0]], out, "smollm2")
+    assert [s.tokens for s in again] == [s.tokens for s in written]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.bin")} == stamps
+    (tmp_path / "other.txt").write_text("something else")
+    with pytest.raises(ValueError, match="other inputs"):
+        tokenize_corpus([tmp_path / "other.txt"], out, "smollm2")
+    with pytest.raises(FileNotFoundError, match="herd tokenize"):
+        load_shards(tmp_path)
+
+
+def epoch(loader: PackedLoader) -> list:
+    return [loader.batch(0, step) for step in range(loader.batches_per_epoch)]
+
+
+def test_packing_loses_and_invents_nothing(shards):
+    out, written = shards
+    loader = PackedLoader(out, seq_len=15, batch_size=2, seed=3)
+    eos = herd.load_tokenizer("smollm2").eos_id
+    stream = []
+    for batch in epoch(loader):
+        assert batch.tokens.shape == (2, 15)
+        assert (batch.targets[:, :-1] == batch.tokens[:, 1:]).all()
+        for row in range(2):
+            stream += batch.tokens[row].tolist() + [batch.targets[row, -1].item()]
+    # whole documents in the packed stream are exactly corpus documents, each at most once
+    docs = Counter()
+    for shard in written:
+        ids, offsets = shard.token_ids(), shard.offsets()
+        docs.update(tuple(ids[a:b].tolist()) for a, b in itertools.pairwise(offsets))
+    pieces, current = Counter(), []
+    for token in stream:
+        current.append(token)
+        if token == eos:
+            pieces[tuple(current)] += 1
+            current = []
+    first = next(iter(pieces))  # the stream starts at a document start
+    assert first in docs
+    assert not pieces - docs
+    total = sum(s.tokens for s in written)
+    assert len(stream) == loader.batches_per_epoch * 2 * 16 <= total
+
+
+def test_document_ids_and_positions_restart_at_boundaries(shards):
+    out, _ = shards
+    eos = herd.load_tokenizer("smollm2").eos_id
+    for batch in epoch(PackedLoader(out, seq_len=31, batch_size=4, seed=0)):
+        tokens, ids, pos = batch.tokens.numpy(), batch.doc_ids.numpy(), batch.positions.numpy()
+        assert (ids[:, 0] == 0).all() and (pos[:, 0] == 0).all()
+        new_doc = np.zeros_like(ids, dtype=bool)
+        new_doc[:, 1:] = tokens[:, :-1] == eos  # a document starts after each end-of-text
+        assert (np.diff(ids, axis=1) == new_doc[:, 1:]).all()
+        expected = np.zeros_like(pos)
+        for col in range(1, pos.shape[1]):
+            expected[:, col] = np.where(new_doc[:, col], 0, expected[:, col - 1] + 1)
+        assert (pos == expected).all()
+
+
+def test_ranks_partition_the_windows(shards):
+    out, _ = shards
+    single = PackedLoader(out, seq_len=15, batch_size=2, seed=1)
+    ranks = [
+        PackedLoader(out, seq_len=15, batch_size=1, seed=1, rank=r, world_size=2) for r in range(2)
+    ]
+    for step in range(ranks[0].batches_per_epoch):
+        whole = single.batch(0, step).tokens
+        parts = [r.batch(0, step).tokens for r in ranks]
+        assert (whole[0] == parts[0][0]).all() and (whole[1] == parts[1][0]).all()
+    with pytest.raises(ValueError, match="rank"):
+        PackedLoader(out, seq_len=15, batch_size=2, rank=2, world_size=2)
+
+
+def test_seeded_and_resumes_exactly(shards):
+    out, _ = shards
+    a = iter(PackedLoader(out, seq_len=15, batch_size=2, seed=7))
+    taken = [next(a) for _ in range(40)]  # crosses into later epochs
+    again = PackedLoader(out, seq_len=15, batch_size=2, seed=7)
+    assert all((x.tokens == y.tokens).all() for x, y in zip(taken, again))
+    other = PackedLoader(out, seq_len=15, batch_size=2, seed=8)
+    assert any((x.tokens != y.tokens).any() for x, y in zip(taken, other))
+
+    first = PackedLoader(out, seq_len=15, batch_size=2, seed=7)
+    it = iter(first)
+    for _ in range(17):
+        next(it)
+    state = first.state_dict()
+    resumed = PackedLoader(out, seq_len=15, batch_size=2, seed=7)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
+    rest = iter(resumed)
+    for expected in taken[17:]:
+        got = next(rest)
+        assert (got.tokens == expected.tokens).all() and (got.doc_ids == expected.doc_ids).all()
+    with pytest.raises(ValueError, match="seed"):
+        PackedLoader(out, seq_len=15, batch_size=2, seed=1).load_state_dict(state)
+
+
+def test_cli_tokenize(corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from herd.cli.main import app
+
+    runner = CliRunner()
+    args = ["tokenize", str(corpus[0]), str(tmp_path / "out"), "--tokenizer", "smollm2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "4 shards, 15 documents" in result.output
+    missing = runner.invoke(
+        app, ["tokenize", str(tmp_path / "nope"), str(tmp_path / "o2"), "--tokenizer", "smollm2"]
+    )
+    assert missing.exit_code == 1 and "no such file" in missing.output
