@@ -1,0 +1,31 @@
+"""Attention masks for packed sequences: causal attention that never crosses a document.
+
+`doc_ids` (batch, seq) numbers the documents of each packed row (herd.data.PackedLoader gives
+them). Both forms below mean the same thing to `Transformer.forward`: a flex-attention
+BlockMask, which skips whole blocks that cross documents, and a dense boolean mask for SDPA,
+the fallback where flex attention is not available or not compiled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) bool for SDPA: query i sees key j <= i of the same document."""
+    seq = doc_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+def document_block_mask(doc_ids: torch.Tensor, block_size: int = 128) -> BlockMask:
+    """The same mask as a flex-attention BlockMask (shared by all heads)."""
+    batch, seq = doc_ids.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+    return create_block_mask(
+        same_document_causal, batch, None, seq, seq, device=doc_ids.device, BLOCK_SIZE=block_size
+    )
