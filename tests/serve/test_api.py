@@ -300,7 +300,7 @@ def test_full_queue_answers_429_at_once(tiny_app):
     from fastapi.testclient import TestClient
 
     from herd.serve.api import ServerConfig, create_app
-    from herd.serve.engine import Engine
+    from herd.serve.engine import Engine, Request
 
     engine = Engine(tiny_app.model, tiny_app.tokenizer, max_seq_len=128)
     app = create_app(tiny_app, engine, ServerConfig("tiny", max_queue=2))
@@ -309,8 +309,6 @@ def test_full_queue_answers_429_at_once(tiny_app):
         engine._inbox.put(None)
         engine._thread.join()
         for rid in ("a", "b"):
-            from herd.serve.engine import Request
-
             engine.submit(Request(rid, [1, 2], 4))
         start = time.monotonic()
         busy = http.post("/v1/completions", json=GOOD)
