@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from herd.infer.cache import StaticKVCache
-from herd.infer.generate import EagerRunner, PaddedBatch
+from herd.infer.generate import EagerRunner
 from herd.model import Transformer
 from herd.model.llama import causal_mask
 
@@ -87,18 +87,19 @@ def compiled_step(model: Transformer):
 
 
 class CompiledRunner(EagerRunner):
-    """`EagerRunner`'s interface over a static cache; decode steps run compiled."""
+    """`EagerRunner` over a static cache of `slot_bucket` slots; decode steps run compiled."""
+
+    cache_type = StaticKVCache
+    cache_slots = staticmethod(slot_bucket)
 
     def __init__(self, model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int):
-        self.model = model
-        device = model.tok_embeddings.weight.device
-        width = max(len(p) for p in prompts)
-        slots = slot_bucket(width + max_new_tokens)
-        self.batch = PaddedBatch(prompts, slots, device)
-        self.cache = StaticKVCache.for_model(model, len(prompts), slots)
+        super().__init__(model, prompts, max_new_tokens)
+        slots = self.cache.slots
         # valid[b, 0, 0, s]: slot s of row b holds a real token written so far
-        self.valid = torch.zeros(len(prompts), 1, 1, slots, dtype=torch.bool, device=device)
-        self.next_slot = width
+        self.valid = torch.zeros(
+            len(prompts), 1, 1, slots, dtype=torch.bool, device=self.batch.tokens.device
+        )
+        self.next_slot = self.batch.width
         self.step_fn = compiled_step(model)
 
     def prefill(self) -> torch.Tensor:

@@ -62,12 +62,18 @@ class PaddedBatch:
 class EagerRunner:
     """Prefill and decode steps on a KV cache sized to the request, in eager mode."""
 
+    cache_type: type[KVCache] = KVCache
+
     def __init__(self, model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int):
         self.model = model
         device = model.tok_embeddings.weight.device
-        slots = max(len(p) for p in prompts) + max_new_tokens
+        slots = self.cache_slots(max(len(p) for p in prompts) + max_new_tokens)
         self.batch = PaddedBatch(prompts, slots, device)
-        self.cache = KVCache.for_model(model, len(prompts), slots)
+        self.cache = self.cache_type.for_model(model, len(prompts), slots)
+
+    @staticmethod
+    def cache_slots(needed: int) -> int:
+        return needed
 
     def prefill(self) -> torch.Tensor:
         """Last-position logits (batch, vocab) of the prompts."""

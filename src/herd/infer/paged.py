@@ -153,20 +153,16 @@ class PagedView:
         self.cache = cache
         device = cache.keys[0].device
         size = cache.blocks.block_size
-        ends = [s + new_tokens for s in starts]
-        width = max(ends)
+        ends = torch.tensor([s + new_tokens for s in starts], device=device)
+        width = int(ends.max())
+        blocks = max(len(t) for t in tables)
+        padded = torch.tensor([list(t) + [0] * (blocks - len(t)) for t in tables], device=device)
         token = torch.arange(width, device=device)
-        rows = []
-        for table, end in zip(tables, ends):
-            blocks = torch.tensor(list(table), dtype=torch.long, device=device)
-            used = token[:end]
-            slots = blocks[used // size] * size + used % size
-            rows.append(torch.nn.functional.pad(slots, (0, width - end)))  # pads read slot 0
-        self.read_slots = torch.stack(rows)  # (batch, width)
+        slots = padded[:, token // size] * size + token % size  # (batch, width)
+        self.read_slots = torch.where(token < ends[:, None], slots, 0)  # pads read slot 0
         start = torch.tensor(list(starts), device=device)
         self.positions = start[:, None] + torch.arange(new_tokens, device=device)  # (batch, new)
         self.write_slots = self.read_slots.gather(1, self.positions).reshape(-1)
-        self.ends = torch.tensor(ends, device=device)
 
     def mask(self) -> torch.Tensor:
         """(batch, 1, new, width): query at position p sees keys at positions <= p."""

@@ -395,7 +395,11 @@ class _Server:
                     delta = {"content": event.text} if event.text else {}
                     choice = _chunk(event.index, delta, event.finish_reason)
                     if body.logprobs and event.token is not None:
-                        choice["logprobs"] = {"content": [self._token_logprob(event)]}
+                        choice["logprobs"] = {
+                            "content": [
+                                self._token_logprob(event.token, event.logprob, event.top_logprobs)
+                            ]
+                        }
                     yield common | {"choices": [choice]}
                 if body.include_usage():
                     yield common | {"choices": [], "usage": self._usage([job])}
@@ -564,25 +568,18 @@ class _Server:
     def _token_text(self, token: int) -> str:
         return self.llama.tokenizer.decode([token])
 
-    def _token_logprob(self, event: eng.Event) -> dict[str, Any]:
-        text = self._token_text(event.token)
-        entry = {"token": text, "logprob": event.logprob, "bytes": list(text.encode())}
-        entry["top_logprobs"] = [
-            {
-                "token": self._token_text(t),
-                "logprob": lp,
-                "bytes": list(self._token_text(t).encode()),
-            }
-            for t, lp in event.top_logprobs or []
-        ]
-        return entry
+    def _token_logprob(
+        self, token: int, logprob: float | None, top: list[tuple[int, float]] | None
+    ) -> dict[str, Any]:
+        def entry(token: int, logprob: float | None) -> dict[str, Any]:
+            text = self._token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return entry(token, logprob) | {"top_logprobs": [entry(t, lp) for t, lp in top or []]}
 
     def _chat_logprobs(self, choice: _Choice) -> dict[str, Any]:
-        events = [
-            eng.Event("", 0, "", t, lp, top)
-            for t, lp, top in zip(choice.ids or [], choice.logprobs or [], choice.top or [])
-        ]
-        return {"content": [self._token_logprob(e) for e in events]}
+        rows = zip(choice.ids or [], choice.logprobs or [], choice.top or [])
+        return {"content": [self._token_logprob(*row) for row in rows]}
 
     def _completion_logprobs(self, choice: _Choice) -> dict[str, Any]:
         tokens = [self._token_text(t) for t in choice.ids or []]
