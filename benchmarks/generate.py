@@ -27,10 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from worker import peak_rss_mib, report, run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS = 512
@@ -109,15 +110,6 @@ def measure_bandwidth(threads: int) -> float:
 
 
 # ------------------------------------------------------------------ workers (one per config)
-
-
-def peak_rss_mib() -> float:
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, from the forked parent.
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def run_herd(precision: str, paths: dict, job: dict) -> dict:
@@ -305,27 +297,15 @@ def worker(spec: str) -> None:
 
     torch.set_num_threads(job["threads"])
     result = WORKERS[job["engine"]](job["precision"], job["paths"], job)
-    print("RESULT " + json.dumps(result))
+    report(result)
 
 
 # ------------------------------------------------------------------ the run
 
 
 def run_config(engine: str, precision: str, paths: dict, job: dict) -> dict | None:
-    spec = json.dumps(job | {"engine": engine, "precision": precision, "paths": paths})
-    env = os.environ | {"OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "0"}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", spec],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    print(f"{engine} {precision} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-    return None
+    spec = job | {"engine": engine, "precision": precision, "paths": paths}
+    return run_worker(__file__, spec, job["threads"], f"{engine} {precision}")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from herd.cli import generate as generate_cli
 from herd.cli import quantize as quantize_cli
 from herd.cli import serve as serve_cli
 from herd.cli import tokenizer as tokenizer_cli
+from herd.cli import train as train_cli
 from herd.cli.common import console, fail
 
 app = typer.Typer(
@@ -32,6 +33,8 @@ app.command()(generate_cli.chat)
 app.command()(quantize_cli.quantize)
 app.command()(serve_cli.serve)
 app.command()(data_cli.tokenize)
+app.command()(train_cli.pretrain)
+app.command()(train_cli.export)
 
 
 def _human_bytes(n: float) -> str:

@@ -2,7 +2,9 @@
 
 Each epoch the documents of all shards are put in a seeded random order and concatenated
 (each already ends with end-of-text); the stream is cut into windows of `seq_len + 1` tokens
-(inputs and next-token targets), and window k goes to data-parallel rank `k % world_size`.
+(inputs and next-token targets), and the windows are shuffled too, so that a batch does not
+hold consecutive stretches of one long document. The k-th window drawn goes to data-parallel
+rank `k % world_size`.
 Per token the loader also gives the document's index within the window and its position in
 the document, restarting at 0 where a document starts (the paper's document masking and RoPE
 restart). `state_dict()` is the epoch and the batches already taken; loading it resumes
@@ -83,14 +85,18 @@ class PackedLoader:
 
     def batch(self, epoch: int, step: int) -> Batch:
         """This rank's batch `step` of `epoch`, computed directly (no state)."""
-        self._order(epoch)
-        first = (step * self.world_size * self.batch_size) + self.rank
-        windows = [first + i * self.world_size for i in range(self.batch_size)]
-        rows = [self._window(k) for k in windows]
+        rows = [self._window(k) for k in self.window_ids(epoch, step)]
         tokens = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
         doc_ids = torch.from_numpy(np.stack([r[1] for r in rows])[:, :-1])
         positions = torch.from_numpy(np.stack([r[2] for r in rows])[:, :-1])
         return Batch(tokens[:, :-1], tokens[:, 1:], doc_ids, positions)
+
+    def window_ids(self, epoch: int, step: int) -> list[int]:
+        """Which windows of the epoch's packed stream (0 = its first seq_len + 1 tokens) make
+        this rank's batch `step`."""
+        self._order(epoch)
+        first = (step * self.world_size * self.batch_size) + self.rank
+        return [int(self._shuffled[first + i * self.world_size]) for i in range(self.batch_size)]
 
     def _order(self, epoch: int) -> None:
         if self._order_epoch == epoch:
@@ -98,6 +104,7 @@ class PackedLoader:
         rng = np.random.default_rng([self.seed, epoch])
         self._perm = rng.permutation(len(self._docs))
         self._ends = np.cumsum(self._docs[self._perm, 2])
+        self._shuffled = rng.permutation(self.windows_per_epoch)
         self._order_epoch = epoch
 
     def _window(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -57,13 +57,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     Args:
         path: a Hugging Face directory (tokenizer.json), a Meta directory (tokenizer.model, the
             tiktoken ranks; a tokenizer.json there wins), a .gguf file or a directory holding
-            one (its embedded vocabulary), a bare tokenizer.json or tokenizer.model, or the name
-            of an embedded model ("smollm2").
+            one (its embedded vocabulary), a bare tokenizer.json or tokenizer.model, the name
+            of an embedded model ("smollm2"), or "llama3" for the official Llama 3 tokenizer.
 
     Raises:
         FileNotFoundError: nothing at `path`, or no tokenizer there.
         ValueError: a tokenizer file herd cannot read (corrupt, or an unsupported kind).
     """
+    if str(path) == "llama3" and not Path(path).exists():
+        from herd.tokenizer.llama3 import llama3
+
+        return llama3()
     path = _locate(Path(path))
     if _is_gguf(path):
         return HFTokenizer.from_gguf_file(path)

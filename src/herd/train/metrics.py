@@ -1,0 +1,67 @@
+"""Per-step training metrics, written as JSON lines and TensorBoard events.
+
+`metrics.jsonl` holds one object per record ({"step": ..., "loss": ...}). On resume, records
+past the checkpoint's step are dropped first (they will be produced again), so the file reads
+as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line (a killed run) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class MetricsWriter:
+    def __init__(
+        self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True
+    ):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        kept = [
+            r
+            for r in read_metrics(self.path)
+            if resume_step is not None and r["step"] <= resume_step
+        ]
+        with self.path.open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self._file = self.path.open("a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency, but a trimmed install may lack it
+                pass
+            else:
+                self._tb = SummaryWriter(
+                    str(Path(run_dir) / "tensorboard"),
+                    purge_step=None if resume_step is None else resume_step + 1,
+                )
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        record = {"step": step, **values}
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        if self._tb is not None:
+            for key, value in values.items():
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if number and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()

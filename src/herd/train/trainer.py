@@ -1,0 +1,367 @@
+"""The single-process pretraining loop: packed document-masked batches, AdamW with warmup and
+cosine decay, gradient accumulation and clipping, bf16 autocast over fp32 weights, validation,
+metrics, and DCP checkpoints that resume bit for bit.
+
+The run directory holds everything a run needs to continue or be exported:
+    config.json       the resolved recipe        model.json    the model's shape
+    tokenizer/        the tokenizer (HF form)    metrics.jsonl one record per step
+    tensorboard/      event files                checkpoints/  step-NNNNNNNN DCP directories
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.utils.checkpoint import checkpoint
+
+from herd.config.train import ConfigError, TrainConfig
+from herd.data import Batch, PackedLoader, load_shards
+from herd.model import Transformer
+from herd.model.masks import document_block_mask, document_causal_mask
+from herd.train.checkpoint import CheckpointManager, checkpoint_step, read_checkpoint
+from herd.train.flops import device_peak_tflops, flops_per_token, measured_matmul_tflops
+from herd.train.metrics import MetricsWriter
+from herd.train.optim import build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    skipped: bool
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast (weights stay fp32) or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        has_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if has_bf16 else None
+    return torch.bfloat16
+
+
+def choose_attention(wanted: str, compiled: bool, device: torch.device) -> str:
+    """Flex attention's block masks skip the blocks a document boundary cuts away, but it needs
+    torch.compile to be fast and has no backward on the CPU; SDPA with a dense mask works
+    everywhere."""
+    if wanted == "flex" and device.type == "cpu":
+        raise ConfigError(
+            "run.attention = 'flex': flex attention has no backward pass on the CPU; "
+            "use 'sdpa' (or 'auto')"
+        )
+    if wanted == "auto":
+        return "flex" if compiled and device.type == "cuda" else "sdpa"
+    return wanted
+
+
+def enable_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them."""
+    for block in model.layers.values():
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Build a run from a recipe (or resume one) and train it: `Trainer(config).fit()`."""
+
+    def __init__(self, config: TrainConfig, resume: bool | str | Path = False):
+        from herd.tokenizer import load_tokenizer
+
+        self.config = config
+        run = config.run
+        self.run_dir = Path(run.dir)
+        if run.threads:
+            torch.set_num_threads(run.threads)
+        if run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            # every tensor is written before it is read; NaN-filling new memory only costs time
+            torch.utils.deterministic.fill_uninitialized_memory = False
+        self.device = pick_device(run.device)
+        self.amp_dtype = autocast_dtype(run.precision, self.device)
+        self.tokenizer = load_tokenizer(config.data.tokenizer)
+        self.model_config = config.model_config(vocab_size=self.tokenizer.vocab_size)
+        if self.tokenizer.vocab_size > self.model_config.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size "
+                f"is {self.model_config.vocab_size}"
+            )
+        with torch.device(self.device):
+            self.model = Transformer(self.model_config)
+        self.model.init_weights(seed=run.seed)
+        o = config.optim
+        self.optimizer = build_optimizer(self.model, o.lr, o.betas, o.weight_decay, o.eps)
+        if run.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self.attention = choose_attention(run.attention, run.compile, self.device)
+        self._forward = torch.compile(self.model) if run.compile else self.model
+
+        self.train_shards = load_shards(config.data.train)
+        self.valid_shards = load_shards(config.data.valid) if config.data.valid else None
+        self.step, self.tokens, self.skipped, self.bad_in_row = 0, 0, 0, 0
+        self.loader = self._loader_for(self.stage()[2])
+        self._batches: Iterator[Batch] = iter(self.loader)
+
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", run.keep, run.async_save)
+        resumed = self._resume(resume)
+        self._write_run_files()
+        self.metrics = MetricsWriter(self.run_dir, resume_step=self.step if resumed else None)
+        peak = run.peak_tflops or device_peak_tflops(self.device)
+        self.peak_tflops = peak or measured_matmul_tflops(self.amp_dtype or torch.float32)
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def stage(self) -> tuple[int, int, int]:
+        return self.config.stage_at(self.tokens)
+
+    def _loader_for(self, seq_len: int) -> PackedLoader:
+        return PackedLoader(
+            self.train_shards, seq_len, self.config.batch.micro_batch_size, self.config.run.seed
+        )
+
+    def _follow_stage(self) -> None:
+        """A new sequence length starts a loader of that shape where the old one stopped (the
+        next whole batch in the same epoch's document order)."""
+        seq_len = self.stage()[2]
+        if seq_len == self.loader.seq_len:
+            return
+        old = self.loader
+        used = old.step * old.batch_size * (old.seq_len + 1)
+        self.loader = self._loader_for(seq_len)
+        per_batch = self.loader.batch_size * (seq_len + 1)
+        self.loader.epoch, self.loader.step = old.epoch, -(-used // per_batch)
+        self._batches = iter(self.loader)
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def _mask(self, doc_ids: torch.Tensor):
+        if self.attention == "flex":
+            return document_block_mask(doc_ids)
+        return document_causal_mask(doc_ids)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Mean next-token cross-entropy of a packed batch, attention kept inside documents."""
+        tokens, targets = batch.tokens.to(self.device), batch.targets.to(self.device)
+        positions = batch.positions.to(self.device)
+        mask = self._mask(batch.doc_ids.to(self.device))
+        with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self._forward(tokens, positions, mask)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def train_step(self) -> StepResult:
+        _, batch_size, _ = self.stage()
+        accum = batch_size // self.config.batch.micro_batch_size
+        lr = lr_at(
+            self.step,
+            self.config.optim.lr,
+            self.config.optim.warmup_steps,
+            self.config.optim.steps,
+            self.config.optim.min_lr,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            loss = self.loss(next(self._batches)) / accum
+            loss.backward()
+            total += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        loss_value, norm_value = total.item(), norm.item()
+        skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+        if skipped:
+            self.skipped += 1
+            self.bad_in_row += 1
+        else:
+            self.optimizer.step()
+            self.bad_in_row = 0
+        self.step += 1
+        self.tokens += batch_size * self.loader.seq_len
+        return StepResult(loss_value, norm_value, skipped)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the first `eval_batches` batches of the validation shards."""
+        if self.valid_shards is None:
+            return None
+        loader = PackedLoader(
+            self.valid_shards, self.loader.seq_len, self.config.batch.micro_batch_size, seed=0
+        )
+        n = min(self.config.run.eval_batches, loader.batches_per_epoch)
+        self.model.eval()
+        losses = [self.loss(loader.batch(0, i)).item() for i in range(n)]
+        self.model.train()
+        return sum(losses) / n
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Everything the next step depends on, as tensors only."""
+        loader = self.loader.state_dict()
+        train = {
+            "step": torch.tensor(self.step),
+            "tokens": torch.tensor(self.tokens),
+            "skipped": torch.tensor(self.skipped),
+            "bad_in_row": torch.tensor(self.bad_in_row),
+            "loader": torch.tensor(
+                [self.loader.seq_len, loader["epoch"], loader["step"], loader["seed"]]
+            ),
+            "rng": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            train["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "model": get_model_state_dict(self.model),
+            "optim": get_optimizer_state_dict(self.model, self.optimizer)["state"],
+            "train": train,
+        }
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.step, self.state())
+
+    def load(self, path: Path) -> None:
+        state = self.state()
+        groups = get_optimizer_state_dict(self.model, self.optimizer)["param_groups"]
+        read_checkpoint(path, state)
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(
+            self.model, self.optimizer, {"state": state["optim"], "param_groups": groups}
+        )
+        train = state["train"]
+        self.step, self.tokens = int(train["step"]), int(train["tokens"])
+        self.skipped, self.bad_in_row = int(train["skipped"]), int(train["bad_in_row"])
+        seq_len, epoch, step, seed = (int(x) for x in train["loader"])
+        self.loader = self._loader_for(seq_len)
+        self.loader.load_state_dict({"epoch": epoch, "step": step, "seed": seed})
+        self._batches = iter(self.loader)
+        torch.set_rng_state(train["rng"])
+        if "cuda_rng" in train:
+            torch.cuda.set_rng_state(train["cuda_rng"], self.device)
+
+    def _resume(self, resume: bool | str | Path) -> bool:
+        if resume is False:
+            if self.checkpoints.latest() is not None:
+                raise ConfigError(
+                    f"{self.run_dir} already holds checkpoints: pass --resume to continue that "
+                    "run, or choose another run.dir"
+                )
+            return False
+        path = self.checkpoints.latest() if resume is True else Path(resume)
+        if path is None:
+            log.info("no checkpoint in %s yet: starting from step 0", self.checkpoints.directory)
+            return False
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(f"{path}: not a complete checkpoint (no .metadata)")
+        self.load(path)
+        log.info("resumed from %s (step %d)", path, checkpoint_step(path))
+        return True
+
+    def _write_run_files(self) -> None:
+        from herd.tokenizer.formats import save_tokenizer
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(
+            json.dumps(self.config.to_dict(), indent=1) + "\n"
+        )
+        (self.run_dir / "model.json").write_text(
+            json.dumps(self.model_config.to_dict(), indent=1) + "\n"
+        )
+        if not (self.run_dir / "tokenizer").exists():
+            tmp = self.run_dir / "tokenizer.tmp"
+            save_tokenizer(
+                self.tokenizer, tmp, "hf", model_max_length=self.model_config.max_seq_len
+            )
+            os.replace(tmp, self.run_dir / "tokenizer")
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def fit(self, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Train to `optim.steps`; on_step(step, record) is called after each step (the CLI
+        drives its progress bar with it). Returns the last record."""
+        run, total = self.config.run, self.config.optim.steps
+        record: dict[str, Any] = {}
+        try:
+            while self.step < total:
+                self._follow_stage()
+                _, batch_size, seq_len = self.stage()
+                start = time.perf_counter()
+                result = self.train_step()
+                elapsed = time.perf_counter() - start
+                tokens_per_s = batch_size * seq_len / elapsed
+                flops = flops_per_token(self.model_config, seq_len) * tokens_per_s
+                record = {
+                    "loss": result.loss,
+                    "grad_norm": result.grad_norm,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "tokens": self.tokens,
+                    "batch_size": batch_size,
+                    "seq_len": seq_len,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": flops / (self.peak_tflops * 1e12),
+                    "peak_memory_gib": peak_memory_bytes(self.device) / 2**30,
+                    "skipped": result.skipped,
+                    "skipped_total": self.skipped,
+                }
+                if self.bad_in_row >= run.max_bad_steps:
+                    self.metrics.write(self.step, record)
+                    self._diverged()
+                if self.step == total or (run.eval_every and self.step % run.eval_every == 0):
+                    val = self.evaluate()
+                    if val is not None:
+                        record["val_loss"] = val
+                self.metrics.write(self.step, record)
+                if on_step:
+                    on_step(self.step, record)
+                due = self.step == total or (run.save_every and self.step % run.save_every == 0)
+                if due and self.bad_in_row == 0:  # in a non-finite streak, keep the last good one
+                    self.save()
+        finally:
+            self.checkpoints.wait()
+            self.metrics.close()
+        return record
+
+    def _diverged(self) -> None:
+        last = self.checkpoints.latest()
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        raise TrainingDiverged(
+            f"{self.bad_in_row} steps in a row had a non-finite loss or gradient norm (up to "
+            f"step {self.step}); stopping. {where}. Lower optim.lr, raise optim.warmup_steps or "
+            "check the data, then resume."
+        )
