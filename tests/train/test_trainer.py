@@ -318,3 +318,21 @@ def test_sigkill_at_any_moment_then_resume_gives_identical_losses(corpus, tmp_pa
     a, _ = load_run_model(tmp_path / "whole")
     b, _ = load_run_model(tmp_path / "killed")
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_activation_checkpointing_changes_memory_not_results(corpus, tmp_path):
+    _, plain = run(corpus, tmp_path / "plain", optim={"steps": 3})
+    _, recomputed = run(
+        corpus, tmp_path / "ckpt", optim={"steps": 3}, run={"activation_checkpointing": True}
+    )
+    assert [r["loss"] for r in recomputed] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
+    assert [r["grad_norm"] for r in recomputed] == pytest.approx(
+        [r["grad_norm"] for r in plain], rel=1e-5
+    )
+
+
+def test_sequences_longer_than_the_model_are_refused(corpus, tmp_path):
+    raw = recipe(corpus, tmp_path / "run", batch={"seq_len": 64})
+    raw["model"]["max_seq_len"] = 32
+    with pytest.raises(ConfigError, match="exceed the model's max_seq_len 32"):
+        Trainer(from_dict(raw))

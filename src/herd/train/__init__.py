@@ -1,5 +1,20 @@
-"""Pretraining: the optimizer recipe and learning-rate schedule (the loop lands next)."""
+"""Pretraining: the loop (`Trainer`), the optimizer recipe and schedule, DCP checkpoints, the
+FLOPs and memory model, and metrics. `herd pretrain` and `herd export` drive it."""
 
+from herd.train.checkpoint import CheckpointCorrupt, load_run_model
+from herd.train.flops import flops_per_token, memory_per_device
 from herd.train.optim import build_optimizer, build_scheduler, lr_at, param_groups
+from herd.train.trainer import Trainer, TrainingDiverged
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_at", "param_groups"]
+__all__ = [
+    "CheckpointCorrupt",
+    "Trainer",
+    "TrainingDiverged",
+    "build_optimizer",
+    "build_scheduler",
+    "flops_per_token",
+    "load_run_model",
+    "lr_at",
+    "memory_per_device",
+    "param_groups",
+]

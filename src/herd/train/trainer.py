@@ -95,6 +95,13 @@ def enable_activation_checkpointing(model: Transformer) -> None:
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:  # VmHWM: ru_maxrss would include a forked parent's peak on Linux
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
@@ -122,6 +129,12 @@ class Trainer:
             raise ConfigError(
                 f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size "
                 f"is {self.model_config.vocab_size}"
+            )
+        longest = max([config.batch.seq_len] + [s.seq_len or 0 for s in config.batch.stages])
+        if longest > self.model_config.max_seq_len:
+            raise ConfigError(
+                f"sequences of {longest} tokens exceed the model's max_seq_len "
+                f"{self.model_config.max_seq_len}: raise [model] max_seq_len or shorten [batch]"
             )
         with torch.device(self.device):
             self.model = Transformer(self.model_config)
@@ -157,8 +170,8 @@ class Trainer:
         )
 
     def _follow_stage(self) -> None:
-        """A new sequence length starts a loader of that shape where the old one stopped (the
-        next whole batch in the same epoch's document order)."""
+        """A new sequence length starts a loader of that shape in the same epoch, as far into
+        it as the old one had got (its windows are cut and shuffled anew)."""
         seq_len = self.stage()[2]
         if seq_len == self.loader.seq_len:
             return
