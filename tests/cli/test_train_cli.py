@@ -11,20 +11,9 @@ from herd.checkpoint import load_model
 from herd.cli.main import app
 from herd.tokenizer import load_tokenizer
 from herd.train.checkpoint import load_run_model
-from tests.train.conftest import corpus, recipe  # noqa: F401  (the corpus fixture)
+from tests.train.conftest import corpus, recipe, toml  # noqa: F401  (the corpus fixture)
 
 runner = CliRunner()
-
-
-def toml(raw: dict) -> str:
-    """Enough TOML for a recipe dict: tables of scalars."""
-    lines = []
-    for section, values in raw.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            text = str(value).lower() if isinstance(value, bool) else repr(value)
-            lines.append(f"{key} = {text.replace(chr(39), chr(34))}")
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")

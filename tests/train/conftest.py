@@ -51,3 +51,14 @@ def recipe(corpus: dict[str, Path], run_dir: Path, **sections: dict[str, Any]) -
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return raw
+
+
+def toml(raw: dict[str, Any]) -> str:
+    """Enough TOML for a recipe dict: tables of scalars and lists."""
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            text = str(value).lower() if isinstance(value, bool) else repr(value)
+            lines.append(f"{key} = {text.replace(chr(39), chr(34))}")
+    return "\n".join(lines) + "\n"

@@ -50,9 +50,20 @@ def pretrain(
         trainer = Trainer(config, resume=resume_from or resume)
     except (ConfigError, FileNotFoundError, CheckpointCorrupt, ValueError) as e:
         fail(str(e))
+    if not trainer.is_main:  # the other ranks of a torchrun job train quietly
+        try:
+            trainer.fit()
+        except TrainingDiverged:
+            raise typer.Exit(code=1) from None
+        except RuntimeError as e:
+            _peer_failed(e)
+        trainer.close()
+        return
     n = trainer.model_config.num_params()
+    layout = ", ".join(f"{k} {v}" for k, v in vars(trainer.dims).items() if v > 1)
     console.print(
-        f"{n / 1e6:.1f}M parameters, {trainer.device.type}, "
+        f"{n / 1e6:.1f}M parameters, {trainer.device.type}"
+        f"{f' ({layout})' if layout else ''}, "
         f"{'bf16 autocast' if trainer.amp_dtype else 'fp32'}, attention {trainer.attention}; "
         f"run directory {trainer.run_dir}"
     )
@@ -87,8 +98,27 @@ def pretrain(
             trainer.fit(on_step)
         except TrainingDiverged as e:
             fail(str(e))
+        except RuntimeError as e:
+            _peer_failed(e)
+    # only after a clean finish: leaving the group waits on ranks that may be gone
+    trainer.close()
     last = trainer.checkpoints.latest()
     console.print(f"done: {trainer.step} steps, {trainer.tokens:,} tokens; checkpoint {last}")
+
+
+def _peer_failed(error: RuntimeError) -> None:
+    """In a torchrun job a collective fails when another rank dies: say so in one line (torchrun
+    then names the rank that failed first) instead of a traceback per rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise error
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    fail(
+        f"rank {dist.get_rank()}: a collective failed ({first[:200]}); another rank has "
+        "probably died: torchrun's report names it. The checkpoints are intact; run again "
+        "with --resume (or launch with --max-restarts N to do it automatically)."
+    )
 
 
 def export(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -121,14 +122,21 @@ def flat_keys(state: dict[str, Any], prefix: str = "") -> set[str]:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = False):
+    """Saves are collective (every rank writes its shards); the main rank alone renames and
+    prunes, and the others wait for it, so all see the same complete checkpoints."""
+
+    def __init__(
+        self, directory: str | Path, keep: int = 3, async_save: bool = False, main: bool = True
+    ):
         self.directory = Path(directory)
-        self.keep, self.async_save = keep, async_save
+        self.keep, self.async_save, self.main = keep, async_save, main
         self._pending: tuple[Future, Path, Path] | None = None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob(f"{PREFIX}*{TMP_SUFFIX}"):
-            log.info("removing %s, an unfinished save", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+        if main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob(f"{PREFIX}*{TMP_SUFFIX}"):
+                log.info("removing %s, an unfinished save", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
 
     def latest(self) -> Path | None:
         found = complete_checkpoints(self.directory)
@@ -139,7 +147,9 @@ class CheckpointManager:
         self.wait()
         final = self.directory / f"{PREFIX}{step:08d}"
         tmp = final.with_name(final.name + TMP_SUFFIX)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
         if self.async_save:
             self._pending = (dcp.async_save(state, checkpoint_id=tmp), tmp, final)
         else:
@@ -156,11 +166,19 @@ class CheckpointManager:
             self._finish(tmp, final)
 
     def _finish(self, tmp: Path, final: Path) -> None:
-        if final.exists():  # a re-run of the same step after a resume
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in complete_checkpoints(self.directory)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _barrier()  # every rank's shards are written
+        if self.main:
+            if final.exists():  # a re-run of the same step after a resume
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in complete_checkpoints(self.directory)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def load_run_model(run_dir: str | Path, step: int | None = None) -> tuple[Transformer, Path]:

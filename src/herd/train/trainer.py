@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -41,6 +42,15 @@ from herd.train.checkpoint import CheckpointManager, checkpoint_step, read_check
 from herd.train.flops import device_peak_tflops, flops_per_token, measured_matmul_tflops
 from herd.train.metrics import MetricsWriter
 from herd.train.optim import build_optimizer, lr_at
+from herd.train.parallel import (
+    build_mesh,
+    clip_grad_norm_,
+    data_parallel_coordinates,
+    init_distributed,
+    mean_over_ranks,
+    parallelize,
+    resolve_dims,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +133,20 @@ class Trainer:
             torch.utils.deterministic.fill_uninitialized_memory = False
         self.device = pick_device(run.device)
         self.amp_dtype = autocast_dtype(run.precision, self.device)
+        world = init_distributed(self.device)
+        self.dims = resolve_dims(config.parallel, world)
+        self.mesh = build_mesh(self.dims, self.device.type) if world > 1 else None
+        self.dp_rank, self.dp_size = (
+            data_parallel_coordinates(self.mesh) if self.mesh is not None else (0, 1)
+        )
+        self.is_main = not dist.is_initialized() or dist.get_rank() == 0
+        per_step = config.batch.micro_batch_size * self.dp_size
+        for size in [config.batch.batch_size] + [s.batch_size for s in config.batch.stages]:
+            if size % per_step:
+                raise ConfigError(
+                    f"batch_size {size} is not a multiple of micro_batch_size x data-parallel "
+                    f"ranks = {config.batch.micro_batch_size} x {self.dp_size}"
+                )
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         self.model_config = config.model_config(vocab_size=self.tokenizer.vocab_size)
         if self.tokenizer.vocab_size > self.model_config.vocab_size:
@@ -138,11 +162,13 @@ class Trainer:
             )
         with torch.device(self.device):
             self.model = Transformer(self.model_config)
-        self.model.init_weights(seed=run.seed)
-        o = config.optim
-        self.optimizer = build_optimizer(self.model, o.lr, o.betas, o.weight_decay, o.eps)
+        self.model.init_weights(seed=run.seed)  # the same weights on every rank, then split
         if run.activation_checkpointing:
             enable_activation_checkpointing(self.model)
+        if self.mesh is not None:
+            parallelize(self.model, self.mesh, self.dims)
+        o = config.optim
+        self.optimizer = build_optimizer(self.model, o.lr, o.betas, o.weight_decay, o.eps)
         self.attention = choose_attention(run.attention, run.compile, self.device)
         self._forward = torch.compile(self.model) if run.compile else self.model
 
@@ -152,10 +178,14 @@ class Trainer:
         self.loader = self._loader_for(self.stage()[2])
         self._batches: Iterator[Batch] = iter(self.loader)
 
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", run.keep, run.async_save)
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints", run.keep, run.async_save, self.is_main
+        )
         resumed = self._resume(resume)
-        self._write_run_files()
-        self.metrics = MetricsWriter(self.run_dir, resume_step=self.step if resumed else None)
+        self.metrics = None
+        if self.is_main:
+            self._write_run_files()
+            self.metrics = MetricsWriter(self.run_dir, resume_step=self.step if resumed else None)
         peak = run.peak_tflops or device_peak_tflops(self.device)
         self.peak_tflops = peak or measured_matmul_tflops(self.amp_dtype or torch.float32)
 
@@ -166,7 +196,12 @@ class Trainer:
 
     def _loader_for(self, seq_len: int) -> PackedLoader:
         return PackedLoader(
-            self.train_shards, seq_len, self.config.batch.micro_batch_size, self.config.run.seed
+            self.train_shards,
+            seq_len,
+            self.config.batch.micro_batch_size,
+            self.config.run.seed,
+            rank=self.dp_rank,
+            world_size=self.dp_size,
         )
 
     def _follow_stage(self) -> None:
@@ -176,11 +211,14 @@ class Trainer:
         if seq_len == self.loader.seq_len:
             return
         old = self.loader
-        used = old.step * old.batch_size * (old.seq_len + 1)
+        used = self._windows_taken() * (old.seq_len + 1)
         self.loader = self._loader_for(seq_len)
-        per_batch = self.loader.batch_size * (seq_len + 1)
+        per_batch = self.loader.batch_size * self.loader.world_size * (seq_len + 1)
         self.loader.epoch, self.loader.step = old.epoch, -(-used // per_batch)
         self._batches = iter(self.loader)
+
+    def _windows_taken(self) -> int:
+        return self.loader.step * self.loader.batch_size * self.loader.world_size
 
     # -- one step -----------------------------------------------------------------------------
 
@@ -200,7 +238,7 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         _, batch_size, _ = self.stage()
-        accum = batch_size // self.config.batch.micro_batch_size
+        accum = batch_size // (self.config.batch.micro_batch_size * self.dp_size)
         lr = lr_at(
             self.step,
             self.config.optim.lr,
@@ -216,8 +254,8 @@ class Trainer:
             loss = self.loss(next(self._batches)) / accum
             loss.backward()
             total += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
-        loss_value, norm_value = total.item(), norm.item()
+        norm = clip_grad_norm_(list(self.model.parameters()), self.config.optim.grad_clip)
+        loss_value, norm_value = mean_over_ranks(total).item(), norm.item()
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         if skipped:
             self.skipped += 1
@@ -231,17 +269,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean loss over the first `eval_batches` batches of the validation shards."""
+        """Mean loss over the first `eval_batches` micro-batches of the validation shards
+        (spread over the data-parallel ranks, so every layout sees the same windows)."""
         if self.valid_shards is None:
             return None
         loader = PackedLoader(
-            self.valid_shards, self.loader.seq_len, self.config.batch.micro_batch_size, seed=0
+            self.valid_shards,
+            self.loader.seq_len,
+            self.config.batch.micro_batch_size,
+            seed=0,
+            rank=self.dp_rank,
+            world_size=self.dp_size,
         )
-        n = min(self.config.run.eval_batches, loader.batches_per_epoch)
+        n = min(max(1, self.config.run.eval_batches // self.dp_size), loader.batches_per_epoch)
         self.model.eval()
-        losses = [self.loss(loader.batch(0, i)).item() for i in range(n)]
+        total = sum(self.loss(loader.batch(0, i)) for i in range(n)) / n
         self.model.train()
-        return sum(losses) / n
+        return mean_over_ranks(total).item()
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -253,8 +297,9 @@ class Trainer:
             "tokens": torch.tensor(self.tokens),
             "skipped": torch.tensor(self.skipped),
             "bad_in_row": torch.tensor(self.bad_in_row),
+            # windows taken by all data-parallel ranks together: the position in any layout
             "loader": torch.tensor(
-                [self.loader.seq_len, loader["epoch"], loader["step"], loader["seed"]]
+                [self.loader.seq_len, loader["epoch"], self._windows_taken(), loader["seed"]]
             ),
             "rng": torch.get_rng_state(),
         }
@@ -280,9 +325,16 @@ class Trainer:
         train = state["train"]
         self.step, self.tokens = int(train["step"]), int(train["tokens"])
         self.skipped, self.bad_in_row = int(train["skipped"]), int(train["bad_in_row"])
-        seq_len, epoch, step, seed = (int(x) for x in train["loader"])
+        seq_len, epoch, windows, seed = (int(x) for x in train["loader"])
         self.loader = self._loader_for(seq_len)
-        self.loader.load_state_dict({"epoch": epoch, "step": step, "seed": seed})
+        per_step = self.loader.batch_size * self.loader.world_size
+        if windows % per_step:
+            raise ConfigError(
+                f"{path}: the checkpoint stopped after {windows} windows, which is no whole "
+                f"number of {self.loader.batch_size} x {self.loader.world_size}-rank loader "
+                "steps: resume with a micro_batch_size x data-parallel size that divides it"
+            )
+        self.loader.load_state_dict({"epoch": epoch, "step": windows // per_step, "seed": seed})
         self._batches = iter(self.loader)
         torch.set_rng_state(train["rng"])
         if "cuda_rng" in train:
@@ -353,13 +405,13 @@ class Trainer:
                     "skipped_total": self.skipped,
                 }
                 if self.bad_in_row >= run.max_bad_steps:
-                    self.metrics.write(self.step, record)
+                    self._log(record)
                     self._diverged()
                 if self.step == total or (run.eval_every and self.step % run.eval_every == 0):
                     val = self.evaluate()
                     if val is not None:
                         record["val_loss"] = val
-                self.metrics.write(self.step, record)
+                self._log(record)
                 if on_step:
                     on_step(self.step, record)
                 due = self.step == total or (run.save_every and self.step % run.save_every == 0)
@@ -367,8 +419,18 @@ class Trainer:
                     self.save()
         finally:
             self.checkpoints.wait()
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
         return record
+
+    def close(self) -> None:
+        """Leave the process group (a torchrun job), once training is over."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(self.step, record)
 
     def _diverged(self) -> None:
         last = self.checkpoints.latest()

@@ -1,0 +1,27 @@
+"""`python -m tests.train.dying_rank pretrain ...`: herd's CLI, except that rank 1 SIGKILLs
+itself during step 7 the first time (a marker file, HERD_TEST_DIE_MARKER, remembers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from herd.cli.main import app
+from herd.train.trainer import Trainer
+
+_train_step = Trainer.train_step
+
+
+def dying_train_step(self: Trainer):
+    marker = Path(os.environ["HERD_TEST_DIE_MARKER"])
+    if self.step == 6 and os.environ.get("RANK") == "1" and not marker.exists():
+        marker.write_text("rank 1 dies\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _train_step(self)
+
+
+Trainer.train_step = dying_train_step
+
+if __name__ == "__main__":
+    app()
