@@ -3,7 +3,7 @@ FLOPs and memory model, and metrics. `herd pretrain` and `herd export` drive it.
 
 from herd.train.checkpoint import CheckpointCorrupt, load_run_model
 from herd.train.flops import flops_per_token, memory_per_device
-from herd.train.optim import build_optimizer, build_scheduler, lr_at, param_groups
+from herd.train.optim import build_optimizer, lr_at, param_groups
 from herd.train.trainer import Trainer, TrainingDiverged
 
 __all__ = [
@@ -11,7 +11,6 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "build_optimizer",
-    "build_scheduler",
     "flops_per_token",
     "load_run_model",
     "lr_at",

@@ -71,8 +71,8 @@ class _MetadataUnpickler(pickle.Unpickler):
             module == "torch.serialization" and name == "_get_layout"
         ):
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, type)):
-            value = getattr(torch, name)
+        if module == "torch":
+            value = getattr(torch, name, None)
             if isinstance(value, torch.dtype) or value is torch.Size:
                 return value
         if module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath"):

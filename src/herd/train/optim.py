@@ -47,14 +47,3 @@ def lr_at(step: int, peak: float, warmup: int, total: int, floor: float) -> floa
         return floor
     progress = (step - warmup) / max(1, total - warmup)
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, peak: float, warmup: int, total: int, floor: float
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """`lr_at` as a LambdaLR (its state_dict is the step count, so checkpoints resume it)."""
-    for group in optimizer.param_groups:
-        group["lr"] = peak
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_at(step, peak, warmup, total, floor) / peak
-    )

@@ -46,10 +46,6 @@ class ParallelDims:
     def world_size(self) -> int:
         return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
 
-    @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
 
 def resolve_dims(config: ParallelConfig, world_size: int) -> ParallelDims:
     """Check the layout against the world size; dp_shard = -1 takes what the others leave."""

@@ -174,6 +174,7 @@ class Trainer:
 
         self.train_shards = load_shards(config.data.train)
         self.valid_shards = load_shards(config.data.valid) if config.data.valid else None
+        self._valid_loader: PackedLoader | None = None
         self.step, self.tokens, self.skipped, self.bad_in_row = 0, 0, 0, 0
         self.loader = self._loader_for(self.stage()[2])
         self._batches: Iterator[Batch] = iter(self.loader)
@@ -273,14 +274,16 @@ class Trainer:
         (spread over the data-parallel ranks, so every layout sees the same windows)."""
         if self.valid_shards is None:
             return None
-        loader = PackedLoader(
-            self.valid_shards,
-            self.loader.seq_len,
-            self.config.batch.micro_batch_size,
-            seed=0,
-            rank=self.dp_rank,
-            world_size=self.dp_size,
-        )
+        loader = self._valid_loader
+        if loader is None or loader.seq_len != self.loader.seq_len:  # built once per length
+            loader = self._valid_loader = PackedLoader(
+                self.valid_shards,
+                self.loader.seq_len,
+                self.config.batch.micro_batch_size,
+                seed=0,
+                rank=self.dp_rank,
+                world_size=self.dp_size,
+            )
         n = min(max(1, self.config.run.eval_batches // self.dp_size), loader.batches_per_epoch)
         self.model.eval()
         total = sum(self.loss(loader.batch(0, i)) for i in range(n)) / n
