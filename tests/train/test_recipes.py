@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import herd
 from herd.config.train import ConfigError, apply_overrides, from_dict, load_config
 from herd.model import Transformer
-from herd.train.flops import flops_per_token, memory_per_device
+from herd.train.flops import flops_per_token, memory_per_device, plan_layout
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 
@@ -96,6 +96,32 @@ def test_405b_recipe_reproduces_the_papers_compute_and_layout():
     # ~3.8e25 FLOPs over 15.6T tokens at 8K context (paper §3)
     total = flops_per_token(config.model_config(), 8192) * 15.6e12
     assert total == pytest.approx(3.8e25, rel=0.1)
+
+
+@pytest.mark.parametrize(
+    "gpus, seq_len, layout",
+    [
+        (8192, 8192, (8, 1, 16, 64)),  # paper Table 4: (tp, cp, pp, dp)
+        (16384, 8192, (8, 1, 16, 128)),
+        (16384, 131072, (8, 16, 16, 8)),
+    ],
+)
+def test_the_layout_plan_for_405b_is_the_papers(gpus, seq_len, layout):
+    """From the model alone: TP fills the node, CP grows only for long sequences, PP 16 is the
+    shallowest pipeline that fits an 80 GB H100 without recomputation, and DP takes the rest."""
+    plan = plan_layout(herd.preset("llama3.1-405b"), gpus, seq_len, batch_tokens=16 * 2**20)
+    assert (plan.tp, plan.cp, plan.pp, plan.dp) == layout
+    assert plan.memory.total <= 80e9
+
+
+def test_the_layout_plan_for_8b_is_plain_fsdp():
+    plan = plan_layout(herd.preset("llama3.1-8b"), 8, 8192, batch_tokens=4 * 2**20)
+    assert (plan.tp, plan.cp, plan.pp, plan.dp) == (1, 1, 1, 8)
+
+
+def test_a_model_too_big_for_the_gpus_gets_no_layout():
+    with pytest.raises(ValueError, match="no layout of 8 GPUs fits"):
+        plan_layout(herd.preset("llama3.1-405b"), 8, 8192, batch_tokens=4 * 2**20)
 
 
 @pytest.mark.parametrize("n_kv_heads, tied", [(4, False), (2, True)])

@@ -11,7 +11,8 @@ Sections (every key has a default except where noted; see recipes/ for complete 
                 (after_tokens, batch_size, optional seq_len): the paper's batch-size ramp.
     [optim]     lr, min_lr, warmup_steps, steps, betas, eps, weight_decay, grad_clip.
     [run]       dir, seed, precision, compile, activation_checkpointing, attention, ...
-    [parallel]  tp, cp, pp, dp_shard, dp_replicate (layout for the memory estimates).
+    [parallel]  tp, cp, pp, dp_shard, dp_replicate: the layout over the torchrun processes;
+                pp_schedule, pp_stages_per_rank, fsdp_param_dtype, cpu_offload.
 
 `--set section.key=value` overrides a key; the value is read as TOML (numbers, booleans,
 strings in quotes or bare, lists).
@@ -113,6 +114,12 @@ class ParallelConfig:
     pp: int = 1
     dp_shard: int = -1  # -1: whatever the world size leaves
     dp_replicate: int = 1
+    # torch.distributed.pipelining schedule: 1F1B, GPipe, Interleaved1F1B, LoopedBFS,
+    # InterleavedZeroBubble, ZBVZeroBubble, DualPipeV
+    pp_schedule: str = "1F1B"
+    pp_stages_per_rank: int = 0  # 0: 1 for single-stage schedules, 2 for the others
+    fsdp_param_dtype: str = "fp32"  # fp32 | bf16: gather and compute in bf16, reduce in fp32
+    cpu_offload: bool = False  # FSDP keeps parameters, gradients and AdamW state in CPU memory
 
 
 @dataclass

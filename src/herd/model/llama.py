@@ -137,7 +137,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        # Keyed by layer id so pipeline stages can drop layers and keep Meta's names.
+        # Keyed by layer id so pipeline stages can drop layers and keep Meta's names. A stage
+        # holds tok_embeddings only if it is the first, norm and output only if it is the last.
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(config) for i in range(config.n_layers)}
         )
@@ -182,10 +183,10 @@ class Transformer(nn.Module):
 
         last_only: return the logits of the last position only, (batch, 1, vocab): a prefill
         needs no more, and a long prompt's full logits can outweigh the model."""
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
         if cache is None:
             return self._forward(tokens, positions, mask, last_only)
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
         seqlen, start = tokens.shape[1], cache.length
         if positions is None:
             positions = torch.arange(start, start + seqlen, device=tokens.device)
@@ -205,15 +206,22 @@ class Transformer(nn.Module):
         mask: AttentionMask,
         last_only: bool,
     ) -> torch.Tensor:
+        if self.tok_embeddings is None:  # a pipeline stage after the first: hidden states in
+            h = tokens
+        elif tokens.dim() == 2:
+            h = self.tok_embeddings(tokens)
+        else:
+            raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         inv_freq = inverse_frequencies(
             self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, tokens.device
         )
         cos, sin = rope_cos_sin(positions, inv_freq)
-        h = self.tok_embeddings(tokens)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
+        if self.norm is None:  # a pipeline stage before the last: hidden states out
+            return h
         return self._logits(h, last_only)
 
     def _logits(self, h: torch.Tensor, last_only: bool) -> torch.Tensor:

@@ -12,11 +12,20 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, 1, seq, seq) bool for SDPA: query i sees key j <= i of the same document."""
-    seq = doc_ids.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
-    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+def document_causal_mask(
+    doc_ids: torch.Tensor,
+    queries: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(batch, 1, queries, keys) bool for SDPA: the query at position i sees the key at
+    position j <= i of the same document. queries/keys: the positions in the window of the
+    mask's rows and columns, in order (default all of them; context parallelism gives each
+    rank its own rows and the keys in all-gather order)."""
+    every = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    q = every if queries is None else queries.to(doc_ids.device)
+    k = every if keys is None else keys.to(doc_ids.device)
+    causal = k[None, :] <= q[:, None]
+    return ((doc_ids[:, q, None] == doc_ids[:, None, k]) & causal)[:, None]
 
 
 def document_block_mask(doc_ids: torch.Tensor, block_size: int = 128) -> BlockMask:

@@ -56,17 +56,19 @@ def measured_matmul_tflops(dtype: torch.dtype = torch.float32, n: int = 1024) ->
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per device. Parameters, gradients and AdamW state are fp32 and sharded over
-    tp x pp x dp_shard; activations are bf16 for one micro-batch per pipeline stage in flight."""
+    """Bytes per device. fp32 parameters, gradients and AdamW state are sharded over
+    tp x pp x dp_shard x cp; the bf16 parameters FSDP gathers for the step are sharded over tp x pp;
+    activations are bf16 for one micro-batch per pipeline stage in flight."""
 
     params: float
     grads: float
     optimizer: float
+    gathered: float
     activations: float
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.gathered + self.activations
 
 
 def memory_per_device(
@@ -81,9 +83,13 @@ def memory_per_device(
 ) -> MemoryEstimate:
     """Rough peak memory of one device for a layout (Korthikanti et al.'s activation model with
     a fused attention kernel, so no seq x seq scores are kept; sequence parallelism divides
-    everything by tp, context parallelism the sequence by cp)."""
-    shards = tp * pp * dp_shard
-    n = config.num_params() / shards
+    everything by tp, context parallelism the sequence by cp). FSDP is counted as the paper
+    runs it: parameters are not resharded after the forward pass (no second all-gather in the
+    backward), so a device holds its whole tp x pp slice in bf16 during the step."""
+    # FSDP shards over the data- and context-parallel ranks together (they hold the same
+    # parameters), as herd.train.parallel does
+    n = config.num_params() / (tp * pp * dp_shard * cp)
+    gathered = 2 * config.num_params() / (tp * pp) if dp_shard * cp > 1 else 0.0
     tokens = seq_len * micro_batch / cp
     # One layer keeps ~34 bytes per token per model dim in bf16 (inputs of every matmul,
     # norms, SwiGLU and attention), spread over tp by sequence parallelism. 1F1B keeps up to
@@ -94,4 +100,52 @@ def memory_per_device(
     else:
         layers = per_layer * config.n_layers
     logits = tokens * config.vocab_size * (2 + 4) / tp  # bf16 logits and their fp32 softmax
-    return MemoryEstimate(params=4 * n, grads=4 * n, optimizer=8 * n, activations=layers + logits)
+    return MemoryEstimate(
+        params=4 * n, grads=4 * n, optimizer=8 * n, gathered=gathered, activations=layers + logits
+    )
+
+
+# An "80 GB" H100 holds 81,559 MiB (what nvidia-smi reports); about 1 GiB of it goes to the CUDA
+# context and NCCL's buffers before training allocates anything.
+H100_USABLE_BYTES = 81_559 * 2**20 - 2**30
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    cp: int
+    pp: int
+    dp: int
+    memory: MemoryEstimate
+
+
+def plan_layout(
+    config: ModelConfig,
+    gpus: int,
+    seq_len: int,
+    batch_tokens: int,
+    gpu_memory: float = H100_USABLE_BYTES,
+    gpus_per_node: int = 8,
+) -> Layout:
+    """The layout the paper's reasoning picks for a model on `gpus` GPUs: context parallelism
+    only as far as a sequence needs it, then the smallest tensor parallelism (within a node,
+    dividing the key/value heads) and pipeline depth that fit the memory model without
+    recomputation, and data parallelism for the rest. Each data-parallel rank needs whole
+    sequences, and a pipeline at least as many micro-batches as stages."""
+    sequences = batch_tokens // seq_len
+    powers = [2**i for i in range(20)]
+    for cp in (c for c in powers if c <= gpus and seq_len % (2 * c) == 0 or c == 1):
+        for tp in (t for t in powers if t <= gpus_per_node and config.n_kv_heads % t == 0):
+            for pp in (p for p in powers if p <= config.n_layers):
+                if gpus % (tp * cp * pp):
+                    continue
+                dp = gpus // (tp * cp * pp)
+                if sequences % dp or (pp > 1 and sequences // dp < pp):
+                    continue
+                memory = memory_per_device(config, seq_len, 1, tp, pp, cp, dp)
+                if memory.total <= gpu_memory:
+                    return Layout(tp, cp, pp, dp, memory)
+    raise ValueError(
+        f"no layout of {gpus} GPUs fits {config.num_params() / 1e9:.0f}B parameters at "
+        f"{seq_len} tokens in {gpu_memory / 2**30:.1f} GiB each by the memory model"
+    )

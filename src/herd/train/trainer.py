@@ -18,7 +18,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,13 +43,18 @@ from herd.train.flops import device_peak_tflops, flops_per_token, measured_matmu
 from herd.train.metrics import MetricsWriter
 from herd.train.optim import build_optimizer, lr_at
 from herd.train.parallel import (
+    Pipeline,
+    apply_context_parallel,
     build_mesh,
     clip_grad_norm_,
     data_parallel_coordinates,
+    data_parallel_mesh,
     init_distributed,
     mean_over_ranks,
     parallelize,
+    pipeline_schedule,
     resolve_dims,
+    shard_context,
 )
 
 log = logging.getLogger(__name__)
@@ -82,18 +87,36 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def choose_attention(wanted: str, compiled: bool, device: torch.device) -> str:
+def choose_attention(
+    wanted: str, compiled: bool, device: torch.device, context_parallel: bool = False
+) -> str:
     """Flex attention's block masks skip the blocks a document boundary cuts away, but it needs
     torch.compile to be fast and has no backward on the CPU; SDPA with a dense mask works
-    everywhere."""
+    everywhere. Context parallelism builds each rank's rows of the dense mask."""
     if wanted == "flex" and device.type == "cpu":
         raise ConfigError(
             "run.attention = 'flex': flex attention has no backward pass on the CPU; "
             "use 'sdpa' (or 'auto')"
         )
+    if wanted == "flex" and context_parallel:
+        raise ConfigError(
+            "run.attention = 'flex' does not combine with parallel.cp > 1: use 'sdpa'"
+        )
     if wanted == "auto":
-        return "flex" if compiled and device.type == "cuda" else "sdpa"
+        return "flex" if compiled and device.type == "cuda" and not context_parallel else "sdpa"
     return wanted
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def concat_batches(batches: list[Batch]) -> Batch:
+    return Batch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(Batch)))
+
+
+FSDP_PARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def enable_activation_checkpointing(model: Transformer) -> None:
@@ -165,12 +188,20 @@ class Trainer:
         self.model.init_weights(seed=run.seed)  # the same weights on every rank, then split
         if run.activation_checkpointing:
             enable_activation_checkpointing(self.model)
+        self.pipeline: Pipeline | None = None
         if self.mesh is not None:
-            parallelize(self.model, self.mesh, self.dims)
+            self._parallelize()
         o = config.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.betas, o.weight_decay, o.eps)
-        self.attention = choose_attention(run.attention, run.compile, self.device)
-        self._forward = torch.compile(self.model) if run.compile else self.model
+        self.attention = choose_attention(
+            run.attention, run.compile, self.device, context_parallel=self.dims.cp > 1
+        )
+        self._forward = self.model
+        if run.compile and self.pipeline is None:
+            self._forward = torch.compile(self.model)
+        elif run.compile:  # stages run under the schedule: compile their blocks in place
+            for block in self.model.layers.values():
+                block.compile()
 
         self.train_shards = load_shards(config.data.train)
         self.valid_shards = load_shards(config.data.valid) if config.data.valid else None
@@ -189,6 +220,46 @@ class Trainer:
             self.metrics = MetricsWriter(self.run_dir, resume_step=self.step if resumed else None)
         peak = run.peak_tflops or device_peak_tflops(self.device)
         self.peak_tflops = peak or measured_matmul_tflops(self.amp_dtype or torch.float32)
+
+    def _parallelize(self) -> None:
+        """Context parallelism, then the pipeline split, then TP and FSDP on each stage."""
+        p, mesh = self.config.parallel, self.mesh
+        if p.fsdp_param_dtype not in FSDP_PARAM_DTYPES:
+            raise ConfigError(
+                f"parallel.fsdp_param_dtype must be one of {list(FSDP_PARAM_DTYPES)}, "
+                f"got {p.fsdp_param_dtype!r}"
+            )
+        if (p.fsdp_param_dtype != "fp32" or p.cpu_offload) and data_parallel_mesh(
+            mesh, self.dims
+        ) is None:
+            raise ConfigError(
+                "parallel.fsdp_param_dtype and parallel.cpu_offload apply to FSDP, which this "
+                "layout does not use (no dp_shard, dp_replicate or cp above 1)"
+            )
+        if p.cpu_offload and self.device.type == "cpu":
+            raise ConfigError(
+                "parallel.cpu_offload keeps FSDP's parameters and AdamW state in host memory "
+                "while a GPU computes; on the CPU device everything is there already"
+            )
+        if self.dims.cp > 1:
+            apply_context_parallel(self.model, mesh["cp"])
+        stages = [self.model]
+        if self.dims.pp > 1:
+            schedule = pipeline_schedule(p.pp_schedule, p.pp_stages_per_rank)
+            if schedule.v_shape and self.config.data.valid:
+                raise ConfigError(
+                    f"parallel.pp_schedule {p.pp_schedule}: torch's V-shaped schedules cannot "
+                    "run forward-only, which validation needs; use Interleaved1F1B or "
+                    "InterleavedZeroBubble, or leave data.valid unset"
+                )
+            self.pipeline = Pipeline(
+                self.model, mesh["pp"], schedule, token_cross_entropy, self.device
+            )
+            stages = self.pipeline.modules
+        for stage in stages:
+            parallelize(
+                stage, mesh, self.dims, FSDP_PARAM_DTYPES[p.fsdp_param_dtype], p.cpu_offload
+            )
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -228,14 +299,41 @@ class Trainer:
             return document_block_mask(doc_ids)
         return document_causal_mask(doc_ids)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        """Mean next-token cross-entropy of a packed batch, attention kept inside documents."""
+    def _inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """tokens, targets, positions and mask of this rank's part of a batch (its share of
+        each sequence under context parallelism)."""
+        if self.dims.cp > 1:
+            part = shard_context(batch, self.mesh["cp"])
+            tensors = (part.tokens, part.targets, part.positions, part.mask)
+            return tuple(t.to(self.device) for t in tensors)
         tokens, targets = batch.tokens.to(self.device), batch.targets.to(self.device)
         positions = batch.positions.to(self.device)
-        mask = self._mask(batch.doc_ids.to(self.device))
-        with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+        return tokens, targets, positions, self._mask(batch.doc_ids.to(self.device))
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Mean next-token cross-entropy of a packed batch, attention kept inside documents."""
+        tokens, targets, positions, mask = self._inputs(batch)
+        with self._autocast():
             logits = self._forward(tokens, positions, mask)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return token_cross_entropy(logits, targets)
+
+    def _pipeline_loss(self, batches: list[Batch], training: bool) -> torch.Tensor:
+        """The batches as the micro-batches of one pipeline schedule run (backward included
+        when training): their mean loss on the last stage, zero on the other stages."""
+        tokens, targets, positions, mask = self._inputs(concat_batches(batches))
+        with self._autocast():
+            return self.pipeline.run(
+                tokens, targets, len(batches), training, positions=positions, mask=mask
+            )
+
+    def _loss_holders(self) -> int | None:
+        """How many processes hold the loss: the last pipeline stage's, or all."""
+        if self.pipeline is None:
+            return None
+        return dist.get_world_size() // self.dims.pp
 
     def train_step(self) -> StepResult:
         _, batch_size, _ = self.stage()
@@ -250,13 +348,19 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.device)
-        for _ in range(accum):
-            loss = self.loss(next(self._batches)) / accum
-            loss.backward()
-            total += loss.detach()
-        norm = clip_grad_norm_(list(self.model.parameters()), self.config.optim.grad_clip)
-        loss_value, norm_value = mean_over_ranks(total).item(), norm.item()
+        if self.pipeline is not None:
+            batches = [next(self._batches) for _ in range(accum)]
+            total = self._pipeline_loss(batches, training=True)
+        else:
+            total = torch.zeros((), device=self.device)
+            for _ in range(accum):
+                loss = self.loss(next(self._batches)) / accum
+                loss.backward()
+                total += loss.detach()
+        pp_mesh = self.mesh["pp"] if self.pipeline is not None else None
+        norm = clip_grad_norm_(list(self.model.parameters()), self.config.optim.grad_clip, pp_mesh)
+        loss_value = mean_over_ranks(total, self._loss_holders()).item()
+        norm_value = norm.item()
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         if skipped:
             self.skipped += 1
@@ -286,9 +390,12 @@ class Trainer:
             )
         n = min(max(1, self.config.run.eval_batches // self.dp_size), loader.batches_per_epoch)
         self.model.eval()
-        total = sum(self.loss(loader.batch(0, i)) for i in range(n)) / n
+        if self.pipeline is not None:
+            total = self._pipeline_loss([loader.batch(0, i) for i in range(n)], training=False)
+        else:
+            total = sum(self.loss(loader.batch(0, i)) for i in range(n)) / n
         self.model.train()
-        return mean_over_ranks(total).item()
+        return mean_over_ranks(total, self._loss_holders()).item()
 
     # -- checkpoints --------------------------------------------------------------------------
 
