@@ -5,10 +5,15 @@
 
 Each layout is one `torchrun --standalone` job of herd's Trainer on the same recipe shape as
 benchmarks/train.py's (Shakespeare shards, same batch), in fp32. Reported per layout:
-tokens/s for the whole job and per process, the share of step time the gloo/NCCL threads
-spend inside collectives (from the torch profiler, averaged over ranks), and the largest
-per-process peak RSS. On a CPU with fewer cores than processes the figures only compare
-layouts with each other; they say nothing about GPUs.
+tokens/s for the whole job and per process, the share of step time with a gloo/NCCL
+collective or pipeline send/receive in flight (from the torch profiler, averaged over ranks;
+for a pipeline it includes waiting for the other stage), the largest
+per-process peak RSS and its growth over the process's RSS before the model was built next to
+herd.train.flops' memory model of it (states plus fp32 activations), and the fp32 parameters
++ gradients + AdamW state one process holds, as the model predicts them and as the process's
+own tensors measure (the largest rank). On a
+CPU with fewer cores than processes the figures only compare layouts with each other; they
+say nothing about GPUs.
 """
 
 from __future__ import annotations
@@ -31,7 +36,12 @@ LAYOUTS = {  # name: (processes, [parallel] table)
     "fsdp2": (2, {}),
     "tp2": (2, {"tp": 2}),
     "replicate2": (2, {"dp_replicate": 2, "dp_shard": 1}),
+    "pp2": (2, {"pp": 2}),
+    "pp2_interleaved": (2, {"pp": 2, "pp_schedule": "Interleaved1F1B"}),
+    "cp2": (2, {"cp": 2}),
     "fsdp2_tp2": (4, {"tp": 2}),
+    "pp2_fsdp2": (4, {"pp": 2}),
+    "cp2_tp2": (4, {"cp": 2, "tp": 2}),
 }
 COLLECTIVES = ("gloo:", "nccl:")
 
@@ -46,6 +56,7 @@ def worker(spec: str) -> None:
     from herd.train.trainer import Trainer
 
     job = json.loads(spec)
+    rss_before = current_rss_mib()
     trainer = Trainer(from_dict(job["config"]))
     for _ in range(job["warmup"]):
         trainer.train_step()
@@ -55,15 +66,19 @@ def worker(spec: str) -> None:
             start = time.perf_counter()
             trainer.train_step()
             times.append(time.perf_counter() - start)
-    comm_us = sum(e.cpu_time_total for e in prof.events() if e.name.lower().startswith(COLLECTIVES))
-    share = comm_us / 1e6 / sum(times)
-    stats = torch.tensor([share, peak_rss_mib(), statistics.median(times)], dtype=torch.float64)
+    spans = [e.time_range for e in prof.events() if e.name.lower().startswith(COLLECTIVES)]
+    share = in_flight_us(spans) / 1e6 / sum(times)
+    peak = peak_rss_mib()
+    stats = torch.tensor(
+        [share, peak, statistics.median(times), peak - rss_before, state_mib(trainer)],
+        dtype=torch.float64,
+    )
     if dist.is_initialized():
         shares = stats.clone()
         dist.all_reduce(shares)
-        peak = stats.clone()
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        stats = torch.stack([shares[0] / dist.get_world_size(), peak[1], peak[2]])
+        largest = stats.clone()
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        stats = torch.cat([shares[:1] / dist.get_world_size(), largest[1:]])
     if trainer.is_main:
         tokens = job["tokens_per_step"]
         print(
@@ -73,11 +88,72 @@ def worker(spec: str) -> None:
                     "tokens_per_s": tokens / float(stats[2]),
                     "comm_share": float(stats[0]),
                     "peak_rss_mib": float(stats[1]),
+                    "rss_growth_mib": float(stats[3]),
+                    "state_mib": float(stats[4]),
                 }
             ),
             flush=True,
         )
     trainer.close()
+
+
+def in_flight_us(spans) -> float:
+    """Time with at least one collective or point-to-point transfer in flight: the union of
+    their intervals (a pipeline keeps several sends and receives outstanding at once)."""
+    total, end = 0.0, float("-inf")
+    for span in sorted(spans, key=lambda r: r.start):
+        if span.end > end:
+            total += span.end - max(span.start, end)
+            end = span.end
+    return total
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def state_mib(trainer) -> float:
+    """Bytes of this process's own parameters, gradients and AdamW state (local shards)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    tensors = []
+    for p in trainer.model.parameters():
+        tensors.append(local(p))
+        if p.grad is not None:
+            tensors.append(local(p.grad))
+    for state in trainer.optimizer.state.values():
+        tensors += [local(v) for v in state.values() if v.dim() > 0]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def estimate_mib(shape, parallel: dict, procs: int, micro_batch: int) -> tuple[float, float]:
+    """herd.train.flops' memory model for one process, in fp32: (parameters + gradients + AdamW
+    state, that plus activations). The model counts activations in bf16; fp32 doubles them."""
+    from herd.config import ModelConfig
+    from herd.train.flops import memory_per_device
+
+    dims = {k: parallel.get(k, 1) for k in ("tp", "pp", "cp", "dp_replicate")}
+    dp_shard = procs // (dims["tp"] * dims["pp"] * dims["cp"] * dims["dp_replicate"])
+    config = ModelConfig(
+        dim=shape.dim,
+        n_layers=shape.n_layers,
+        n_heads=shape.n_heads,
+        n_kv_heads=shape.n_kv_heads,
+        ffn_hidden_dim=shape.ffn_hidden_dim,
+        vocab_size=shape.vocab_size,
+    )
+    m = memory_per_device(
+        config, shape.seq_len, micro_batch, dims["tp"], dims["pp"], dims["cp"], dp_shard
+    )
+    states = m.params + m.grads + m.optimizer
+    return states / 2**20, (states + 2 * m.activations) / 2**20
 
 
 def run_layout(name: str, job: dict, threads: int) -> dict | None:
@@ -116,13 +192,20 @@ def main() -> None:
         f"{args.config}, fp32, {shape.batch_size} x {shape.seq_len} tokens per step, {cores} cores"
     )
     print()
-    print("| layout | processes | tokens/s | tokens/s per process | comm share | peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| layout | processes | tokens/s | tokens/s per process | comm share | peak RSS MiB "
+        "| RSS growth MiB | estimate MiB | states estimate MiB | states measured MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in layouts:
         procs, parallel = LAYOUTS[name]
         config = recipe(shape, "fp32", 1, data, args.workdir / "runs" / name)
         config["parallel"] = parallel
-        config["batch"]["micro_batch_size"] = shape.batch_size // (procs // parallel.get("tp", 1))
+        model_parallel = parallel.get("tp", 1) * parallel.get("pp", 1) * parallel.get("cp", 1)
+        local = shape.batch_size // (procs // model_parallel)
+        # a pipeline runs 2 x pp micro-batches per step to keep its bubble small
+        pp = parallel.get("pp", 1)
+        config["batch"]["micro_batch_size"] = local // (2 * pp) if pp > 1 else local
         config["run"].pop("threads")
         job = {
             "config": config,
@@ -133,11 +216,13 @@ def main() -> None:
         shutil.rmtree(args.workdir / "runs" / name, ignore_errors=True)
         r = run_layout(name, job, threads=max(1, cores // procs))
         if r is None:
-            print(f"| {name} | {procs} | failed | | | |")
+            print(f"| {name} | {procs} | failed | | | | | | | |")
             continue
+        states, total = estimate_mib(shape, parallel, procs, config["batch"]["micro_batch_size"])
         print(
             f"| {name} | {procs} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / procs:.0f} "
-            f"| {100 * r['comm_share']:.0f}% | {r['peak_rss_mib']:.0f} |"
+            f"| {100 * r['comm_share']:.0f}% | {r['peak_rss_mib']:.0f} "
+            f"| {r['rss_growth_mib']:.0f} | {total:.0f} | {states:.1f} | {r['state_mib']:.1f} |"
         )
 
 

@@ -114,9 +114,16 @@ def test_the_layout_plan_for_405b_is_the_papers(gpus, seq_len, layout):
     assert plan.memory.total <= 80e9
 
 
-def test_the_layout_plan_for_8b_is_plain_fsdp():
-    plan = plan_layout(herd.preset("llama3.1-8b"), 8, 8192, batch_tokens=4 * 2**20)
-    assert (plan.tp, plan.cp, plan.pp, plan.dp) == (1, 1, 1, 8)
+@pytest.mark.parametrize("size", ["8b", "70b", "405b"])
+def test_each_recipes_layout_is_the_planners(size):
+    """The recipes' [parallel] tables are what plan_layout picks for their GPU count at 8K
+    tokens and the final 16M-token batch: FSDP for 8B, TP 8 + FSDP for 70B, the paper's
+    TP 8 / PP 16 for 405B."""
+    config = load_config(RECIPES / f"llama3-{size}.toml")
+    p = config.parallel
+    gpus = p.tp * p.cp * p.pp * p.dp_shard * p.dp_replicate
+    plan = plan_layout(config.model_config(), gpus, 8192, batch_tokens=16 * 2**20)
+    assert (plan.tp, plan.cp, plan.pp, plan.dp) == (p.tp, p.cp, p.pp, p.dp_shard)
 
 
 def test_a_model_too_big_for_the_gpus_gets_no_layout():

@@ -12,7 +12,7 @@ Sections (every key has a default except where noted; see recipes/ for complete 
     [optim]     lr, min_lr, warmup_steps, steps, betas, eps, weight_decay, grad_clip.
     [run]       dir, seed, precision, compile, activation_checkpointing, attention, ...
     [parallel]  tp, cp, pp, dp_shard, dp_replicate: the layout over the torchrun processes;
-                pp_schedule, pp_stages_per_rank, fsdp_param_dtype, cpu_offload.
+                order, pp_schedule, pp_stages_per_rank, fsdp_param_dtype, cpu_offload.
 
 `--set section.key=value` overrides a key; the value is read as TOML (numbers, booleans,
 strings in quotes or bare, lists).
@@ -118,6 +118,7 @@ class ParallelConfig:
     # InterleavedZeroBubble, ZBVZeroBubble, DualPipeV
     pp_schedule: str = "1F1B"
     pp_stages_per_rank: int = 0  # 0: 1 for single-stage schedules, 2 for the others
+    order: str = "pp,dp,cp,tp"  # outermost first; "dp,pp,cp,tp" nests as the paper does
     fsdp_param_dtype: str = "fp32"  # fp32 | bf16: gather and compute in bf16, reduce in fp32
     cpu_offload: bool = False  # FSDP keeps parameters, gradients and AdamW state in CPU memory
 

@@ -128,15 +128,16 @@ def plan_layout(
     gpus_per_node: int = 8,
 ) -> Layout:
     """The layout the paper's reasoning picks for a model on `gpus` GPUs: context parallelism
-    only as far as a sequence needs it, then the smallest tensor parallelism (within a node,
-    dividing the key/value heads) and pipeline depth that fit the memory model without
-    recomputation, and data parallelism for the rest. Each data-parallel rank needs whole
-    sequences, and a pipeline at least as many micro-batches as stages."""
+    only as far as a sequence needs it; then the shallowest pipeline, with the smallest tensor
+    parallelism (within a node, dividing the key/value heads), that fits the memory model
+    without recomputation (TP inside a node costs no pipeline bubble); data parallelism for
+    the rest. Each data-parallel rank needs whole sequences, and a pipeline at least as many
+    micro-batches as stages."""
     sequences = batch_tokens // seq_len
     powers = [2**i for i in range(20)]
     for cp in (c for c in powers if c <= gpus and seq_len % (2 * c) == 0 or c == 1):
-        for tp in (t for t in powers if t <= gpus_per_node and config.n_kv_heads % t == 0):
-            for pp in (p for p in powers if p <= config.n_layers):
+        for pp in (p for p in powers if p <= config.n_layers):
+            for tp in (t for t in powers if t <= gpus_per_node and config.n_kv_heads % t == 0):
                 if gpus % (tp * cp * pp):
                     continue
                 dp = gpus // (tp * cp * pp)

@@ -4,8 +4,9 @@ schedules; context parallelism that all-gathers keys and values as the paper doe
 file knows nothing of it: these functions take a built `Transformer` and change how its
 parameters are held, which of its layers a process runs, and how activations are laid out.
 
-Mesh order follows the paper: [pp, dp_replicate, dp_shard, cp, tp], tp varying fastest so a
-tensor-parallel group stays inside a node. Launch with torchrun; each process reads its rank
+The mesh is ordered [pp, dp_replicate, dp_shard, cp, tp] (or, as the paper nests them,
+[dp_replicate, dp_shard, pp, cp, tp]), tp varying fastest so a tensor-parallel group stays
+inside a node. Launch with torchrun; each process reads its rank
 from the environment.
 """
 
@@ -43,7 +44,13 @@ from herd.data import Batch
 from herd.model import Transformer
 from herd.model.masks import document_causal_mask
 
-MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+# Outermost first. tp is innermost in both: it talks the most and stays inside a node. The
+# paper's nesting, [TP, CP, PP, DP] from the inside out, puts data parallelism outermost;
+# torchtitan (and the default here) puts the pipeline outermost.
+MESH_ORDERS = {
+    "pp,dp,cp,tp": ("pp", "dp_replicate", "dp_shard", "cp", "tp"),
+    "dp,pp,cp,tp": ("dp_replicate", "dp_shard", "pp", "cp", "tp"),
+}
 
 
 @dataclass(frozen=True)
@@ -102,11 +109,13 @@ def init_distributed(device: torch.device) -> int:
     return world
 
 
-def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+def build_mesh(dims: ParallelDims, device_type: str, order: str = "pp,dp,cp,tp") -> DeviceMesh:
+    """One mesh over every process, named by kind of parallelism, outermost first."""
+    if order not in MESH_ORDERS:
+        raise ConfigError(f"[parallel] order must be one of {list(MESH_ORDERS)}, got {order!r}")
+    names = MESH_ORDERS[order]
     return init_device_mesh(
-        device_type,
-        tuple(getattr(dims, name) for name in MESH_ORDER),
-        mesh_dim_names=MESH_ORDER,
+        device_type, tuple(getattr(dims, name) for name in names), mesh_dim_names=names
     )
 
 
@@ -136,6 +145,10 @@ def apply_tensor_parallel(model: Transformer, mesh: DeviceMesh) -> None:
         plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
     if plan:
         parallelize_module(model, mesh, plan)
+    if model.tok_embeddings is not None:
+        # The sharded embedding's backward returns a replicated (full vocab x dim) gradient:
+        # keep only this rank's rows, as the weight has.
+        model.tok_embeddings.weight.register_post_accumulate_grad_hook(shard_grad_like_param)
     for block in model.layers.values():
         parallelize_module(
             block,
@@ -162,14 +175,22 @@ def apply_tensor_parallel(model: Transformer, mesh: DeviceMesh) -> None:
         )
 
 
+def shard_grad_like_param(param: nn.Parameter) -> None:
+    if param.grad.placements != param.placements:
+        param.grad = param.grad.redistribute(param.device_mesh, param.placements)
+
+
 def apply_fsdp(
     model: Transformer,
     mesh: DeviceMesh,
     param_dtype: torch.dtype | None = None,
     cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
 ) -> None:
     """FSDP2 per transformer block, then the rest. `mesh` is 1-D (shard) or 2-D (replicate,
-    shard: HSDP). param_dtype gathers and computes in that dtype with fp32 gradient reduction."""
+    shard: HSDP). param_dtype gathers and computes in that dtype with fp32 gradient reduction.
+    reshard_after_forward=False keeps gathered parameters until the backward pass (a pipeline
+    stage would otherwise gather them again for every micro-batch)."""
     kwargs: dict = {"mesh": mesh}
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(
@@ -180,8 +201,9 @@ def apply_fsdp(
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again at once by the backward pass
-        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
-    fully_shard(model, **kwargs)
+        last = i == len(blocks) - 1
+        fully_shard(block, reshard_after_forward=reshard_after_forward and not last, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
 
 
 def data_parallel_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh | None:
@@ -208,7 +230,7 @@ def parallelize(
         apply_tensor_parallel(model, mesh["tp"])
     dp_mesh = data_parallel_mesh(mesh, dims)
     if dp_mesh is not None:
-        apply_fsdp(model, dp_mesh, param_dtype, cpu_offload)
+        apply_fsdp(model, dp_mesh, param_dtype, cpu_offload, reshard_after_forward=dims.pp == 1)
 
 
 def clip_grad_norm_(

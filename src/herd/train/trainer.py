@@ -158,7 +158,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(run.precision, self.device)
         world = init_distributed(self.device)
         self.dims = resolve_dims(config.parallel, world)
-        self.mesh = build_mesh(self.dims, self.device.type) if world > 1 else None
+        self.mesh = None
+        if world > 1:
+            self.mesh = build_mesh(self.dims, self.device.type, config.parallel.order)
         self.dp_rank, self.dp_size = (
             data_parallel_coordinates(self.mesh) if self.mesh is not None else (0, 1)
         )
@@ -302,13 +304,11 @@ class Trainer:
     def _inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         """tokens, targets, positions and mask of this rank's part of a batch (its share of
         each sequence under context parallelism)."""
+        batch = Batch(*(getattr(batch, f.name).to(self.device) for f in fields(Batch)))
         if self.dims.cp > 1:
             part = shard_context(batch, self.mesh["cp"])
-            tensors = (part.tokens, part.targets, part.positions, part.mask)
-            return tuple(t.to(self.device) for t in tensors)
-        tokens, targets = batch.tokens.to(self.device), batch.targets.to(self.device)
-        positions = batch.positions.to(self.device)
-        return tokens, targets, positions, self._mask(batch.doc_ids.to(self.device))
+            return part.tokens, part.targets, part.positions, part.mask
+        return batch.tokens, batch.targets, batch.positions, self._mask(batch.doc_ids)
 
     def _autocast(self):
         return torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None)
