@@ -65,6 +65,12 @@ def test_pretrain_errors_name_the_problem(trained, tmp_path):
     assert result.exit_code == 1 and "unknown key(s) lrr" in result.output
     result = runner.invoke(app, ["pretrain", str(file)])
     assert result.exit_code == 1 and "--resume" in result.output
+    result = runner.invoke(app, ["pretrain", str(file), "--set", "parallel.tp=2"])
+    assert result.exit_code == 1 and "= 2 processes, but the job has 1" in result.output
+    result = runner.invoke(
+        app, ["pretrain", str(file), "--set", 'parallel.fsdp_param_dtype="bf16"']
+    )
+    assert result.exit_code == 1 and "this layout does not use" in result.output
     result = runner.invoke(app, ["pretrain", str(tmp_path / "missing.toml")])
     assert result.exit_code == 1 and "no such recipe" in result.output
     result = runner.invoke(app, ["export", str(tmp_path), str(tmp_path / "x")])

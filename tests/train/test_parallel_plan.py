@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from herd.config import ModelConfig
-from herd.config.train import ConfigError
+from herd.config.train import ConfigError, ParallelConfig
 from herd.model import Transformer
 from herd.model.masks import document_causal_mask
 from herd.train.parallel import (
+    ParallelDims,
     context_parallel_indices,
+    fsdp_policy,
     pipeline_schedule,
     split_stages,
     stage_layers,
@@ -130,3 +132,32 @@ def test_context_parallel_mask_rows_are_the_full_masks():
                 for col, k in enumerate(keys.tolist()):
                     same = doc_ids[b, q] == doc_ids[b, k]
                     assert bool(mask[b, 0, row, col]) == bool(same and k <= q)
+
+
+FSDP2 = ParallelDims(pp=1, dp_replicate=1, dp_shard=2, cp=1, tp=1)
+TP2 = ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=1, tp=2)
+
+
+def test_fsdp_policy():
+    cpu = torch.device("cpu")
+    assert fsdp_policy(ParallelConfig(fsdp_param_dtype="bf16"), FSDP2, cpu) == (
+        torch.bfloat16,
+        False,
+    )
+    assert fsdp_policy(ParallelConfig(cpu_offload=True), FSDP2, torch.device("cuda")) == (
+        None,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    "options, dims, message",
+    [
+        ({"fsdp_param_dtype": "fp8"}, FSDP2, "must be one of"),
+        ({"fsdp_param_dtype": "bf16"}, TP2, "this layout does not use"),
+        ({"cpu_offload": True}, FSDP2, "on the CPU device everything is there already"),
+    ],
+)
+def test_fsdp_options_that_cannot_apply_are_refused(options, dims, message):
+    with pytest.raises(ConfigError, match=message):
+        fsdp_policy(ParallelConfig(**options), dims, torch.device("cpu"))

@@ -37,6 +37,12 @@ def pretrain(
     Prints loss, learning rate, tokens/s and MFU as it goes; every step is also written to
     RUN/metrics.jsonl and RUN/tensorboard. Checkpoints land in RUN/checkpoints; a run that was
     stopped or killed continues with --resume, exactly as if it had not been interrupted.
+
+    On many processes, launch with torchrun; the recipe's \\[parallel] table (tp, cp, pp,
+    dp_shard, dp_replicate, pp_schedule, ...) lays them out, e.g.
+    `torchrun --standalone --nproc-per-node 4 -m herd pretrain recipes/tiny.toml --set
+    parallel.pp=2`. With torchrun --max-restarts N and --resume, a job that lost a rank
+    restarts from its last checkpoint. See docs/scaling.md.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -61,6 +67,8 @@ def pretrain(
         return
     n = trainer.model_config.num_params()
     layout = ", ".join(f"{k} {v}" for k, v in vars(trainer.dims).items() if v > 1)
+    if trainer.pipeline is not None:
+        layout += f" ({config.parallel.pp_schedule})"
     console.print(
         f"{n / 1e6:.1f}M parameters, {trainer.device.type}"
         f"{f' ({layout})' if layout else ''}, "

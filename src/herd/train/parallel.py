@@ -206,6 +206,32 @@ def apply_fsdp(
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
 
 
+FSDP_PARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def fsdp_policy(
+    config: ParallelConfig, dims: ParallelDims, device: torch.device
+) -> tuple[torch.dtype | None, bool]:
+    """(param_dtype, cpu_offload) for FSDP, checked against the layout and the device."""
+    if config.fsdp_param_dtype not in FSDP_PARAM_DTYPES:
+        raise ConfigError(
+            f"[parallel] fsdp_param_dtype must be one of {list(FSDP_PARAM_DTYPES)}, "
+            f"got {config.fsdp_param_dtype!r}"
+        )
+    uses_fsdp = dims.dp_shard * dims.cp * dims.dp_replicate > 1
+    if (config.fsdp_param_dtype != "fp32" or config.cpu_offload) and not uses_fsdp:
+        raise ConfigError(
+            "[parallel] fsdp_param_dtype and cpu_offload apply to FSDP, which this layout does "
+            "not use (no dp_shard, dp_replicate or cp above 1)"
+        )
+    if config.cpu_offload and device.type == "cpu":
+        raise ConfigError(
+            "[parallel] cpu_offload keeps FSDP's parameters and AdamW state in host memory "
+            "while a GPU computes; on the CPU device everything is there already"
+        )
+    return FSDP_PARAM_DTYPES[config.fsdp_param_dtype], config.cpu_offload
+
+
 def data_parallel_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh | None:
     """The mesh FSDP shards over: dp_shard and cp together (context-parallel ranks hold the
     same parameters and each sees part of every sequence), HSDP with dp_replicate."""

@@ -1,6 +1,7 @@
-"""The single-process pretraining loop: packed document-masked batches, AdamW with warmup and
-cosine decay, gradient accumulation and clipping, bf16 autocast over fp32 weights, validation,
-metrics, and DCP checkpoints that resume bit for bit.
+"""The pretraining loop: packed document-masked batches, AdamW with warmup and cosine decay,
+gradient accumulation and clipping, bf16 autocast over fp32 weights, validation, metrics, and
+DCP checkpoints that resume bit for bit. One process, or many under torchrun laid out by
+[parallel] (herd.train.parallel), with the same per-step losses.
 
 The run directory holds everything a run needs to continue or be exported:
     config.json       the resolved recipe        model.json    the model's shape
@@ -48,7 +49,7 @@ from herd.train.parallel import (
     build_mesh,
     clip_grad_norm_,
     data_parallel_coordinates,
-    data_parallel_mesh,
+    fsdp_policy,
     init_distributed,
     mean_over_ranks,
     parallelize,
@@ -116,9 +117,6 @@ def concat_batches(batches: list[Batch]) -> Batch:
     return Batch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(Batch)))
 
 
-FSDP_PARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-
-
 def enable_activation_checkpointing(model: Transformer) -> None:
     """Recompute each block's activations in the backward pass instead of keeping them."""
     for block in model.layers.values():
@@ -158,6 +156,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(run.precision, self.device)
         world = init_distributed(self.device)
         self.dims = resolve_dims(config.parallel, world)
+        self.fsdp_policy = fsdp_policy(config.parallel, self.dims, self.device)
         self.mesh = None
         if world > 1:
             self.mesh = build_mesh(self.dims, self.device.type, config.parallel.order)
@@ -226,23 +225,6 @@ class Trainer:
     def _parallelize(self) -> None:
         """Context parallelism, then the pipeline split, then TP and FSDP on each stage."""
         p, mesh = self.config.parallel, self.mesh
-        if p.fsdp_param_dtype not in FSDP_PARAM_DTYPES:
-            raise ConfigError(
-                f"parallel.fsdp_param_dtype must be one of {list(FSDP_PARAM_DTYPES)}, "
-                f"got {p.fsdp_param_dtype!r}"
-            )
-        if (p.fsdp_param_dtype != "fp32" or p.cpu_offload) and data_parallel_mesh(
-            mesh, self.dims
-        ) is None:
-            raise ConfigError(
-                "parallel.fsdp_param_dtype and parallel.cpu_offload apply to FSDP, which this "
-                "layout does not use (no dp_shard, dp_replicate or cp above 1)"
-            )
-        if p.cpu_offload and self.device.type == "cpu":
-            raise ConfigError(
-                "parallel.cpu_offload keeps FSDP's parameters and AdamW state in host memory "
-                "while a GPU computes; on the CPU device everything is there already"
-            )
         if self.dims.cp > 1:
             apply_context_parallel(self.model, mesh["cp"])
         stages = [self.model]
@@ -259,9 +241,7 @@ class Trainer:
             )
             stages = self.pipeline.modules
         for stage in stages:
-            parallelize(
-                stage, mesh, self.dims, FSDP_PARAM_DTYPES[p.fsdp_param_dtype], p.cpu_offload
-            )
+            parallelize(stage, mesh, self.dims, *self.fsdp_policy)
 
     # -- data ---------------------------------------------------------------------------------
 
