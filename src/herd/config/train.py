@@ -90,7 +90,7 @@ class OptimConfig:
 class RunConfig:
     dir: str = "runs/default"
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 where the GPU or CPU runs it natively) | fp32 | bf16
     compile: bool = False
     activation_checkpointing: bool = False
     attention: str = "auto"  # auto (flex when compiled, else sdpa) | flex | sdpa

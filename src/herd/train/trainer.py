@@ -79,13 +79,28 @@ def pick_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast (weights stay fp32) or None for plain fp32."""
+    """bf16 autocast (weights stay fp32) or None for plain fp32. "auto" takes bf16 where the
+    hardware runs it natively: a GPU that supports it, or a CPU whose bf16 matmul outruns its
+    fp32 one (AVX-512 BF16 or AMX; without them bf16 is emulated and many times slower)."""
     if precision == "fp32":
         return None
     if precision == "auto":
-        has_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if has_bf16 else None
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if cpu_bf16_speedup() > 1 else None
+    if device.type == "cpu" and (speedup := cpu_bf16_speedup()) < 1:
+        log.warning(
+            "run.precision = 'bf16': this CPU's bf16 matmul runs at %.2fx its fp32 speed (no "
+            "native bf16 instructions), so training will be slow; 'auto' picks fp32 here",
+            speedup,
+        )
     return torch.bfloat16
+
+
+def cpu_bf16_speedup() -> float:
+    """bf16 over fp32 matmul throughput on this CPU."""
+    bf16 = measured_matmul_tflops(torch.bfloat16, n=256)
+    return bf16 / measured_matmul_tflops(torch.float32, n=256)
 
 
 def choose_attention(
