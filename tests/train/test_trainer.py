@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from herd.config.train import ConfigError, from_dict
 from herd.data import PackedLoader
+from herd.train import trainer as trainer_module
 from herd.train.checkpoint import CheckpointCorrupt, complete_checkpoints, load_run_model
 from herd.train.metrics import read_metrics
 from herd.train.trainer import Trainer, TrainingDiverged
@@ -336,3 +337,17 @@ def test_sequences_longer_than_the_model_are_refused(corpus, tmp_path):
     raw["model"]["max_seq_len"] = 32
     with pytest.raises(ConfigError, match="exceed the model's max_seq_len 32"):
         Trainer(from_dict(raw))
+
+
+@pytest.mark.parametrize("speedup, auto", [(0.01, None), (1.6, torch.bfloat16)])
+def test_auto_precision_takes_bf16_only_where_the_cpu_runs_it_natively(
+    monkeypatch, caplog, speedup, auto
+):
+    """A CPU without native bf16 emulates it (0.008x fp32 measured on an AVX2 EPYC): "auto"
+    stays in fp32 there, and asking for bf16 explicitly warns."""
+    monkeypatch.setattr(trainer_module, "cpu_bf16_speedup", lambda: speedup)
+    cpu = torch.device("cpu")
+    assert trainer_module.autocast_dtype("auto", cpu) == auto
+    assert trainer_module.autocast_dtype("fp32", cpu) is None
+    assert trainer_module.autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert ("training will be slow" in caplog.text) == (speedup < 1)
