@@ -54,7 +54,8 @@ def test_tiny_recipe_is_a_10_to_20m_llama():
     config = load_config(RECIPES / "tiny.toml")
     n = config.model_config(vocab_size=4096).num_params()
     assert 10e6 <= n <= 20e6
-    assert config.data.valid and config.run.precision in ("fp32", "bf16")
+    # the demo adapts to the CPU: bf16 only where it runs natively
+    assert config.data.valid and config.run.precision == "auto"
 
 
 PAPER = {  # size: (preset, peak LR, parameters in billions)
