@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from train import ROOT, SHAPES, prepare_data, recipe
-from worker import peak_rss_mib
+from worker import peak_rss_mib, status_mib
 
 LAYOUTS = {  # name: (processes, [parallel] table)
     "single": (1, {}),
@@ -56,7 +56,7 @@ def worker(spec: str) -> None:
     from herd.train.trainer import Trainer
 
     job = json.loads(spec)
-    rss_before = current_rss_mib()
+    rss_before = status_mib("VmRSS")
     trainer = Trainer(from_dict(job["config"]))
     for _ in range(job["warmup"]):
         trainer.train_step()
@@ -106,14 +106,6 @@ def in_flight_us(spans) -> float:
             total += span.end - max(span.start, end)
             end = span.end
     return total
-
-
-def current_rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def state_mib(trainer) -> float:

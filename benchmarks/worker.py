@@ -13,11 +13,16 @@ import sys
 
 def peak_rss_mib() -> float:
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, from the forked parent.
+    return status_mib("VmHWM")
+
+
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in MiB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def report(result: dict) -> None:

@@ -174,7 +174,8 @@ class Transformer(nn.Module):
         cache: KVCacheLike | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """tokens: (batch, seq) ids. positions: (seq,) or (batch, seq) RoPE positions, default
+        """tokens: (batch, seq) ids (hidden states, (batch, seq, dim), for a pipeline stage
+        without tok_embeddings). positions: (seq,) or (batch, seq) RoPE positions, default
         0..seq-1 (document masking restarts them per document). mask: see `AttentionMask`.
 
         cache: keys/values of the tokens before these ones (inference). The tokens fill the
