@@ -125,7 +125,7 @@ def state_mib(trainer) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-def estimate_mib(shape, parallel: dict, procs: int, micro_batch: int) -> tuple[float, float]:
+def estimate_mib(model: dict, parallel: dict, procs: int, micro_batch: int, seq_len: int):
     """herd.train.flops' memory model for one process, in fp32: (parameters + gradients + AdamW
     state, that plus activations). The model counts activations in bf16; fp32 doubles them."""
     from herd.config import ModelConfig
@@ -133,16 +133,9 @@ def estimate_mib(shape, parallel: dict, procs: int, micro_batch: int) -> tuple[f
 
     dims = {k: parallel.get(k, 1) for k in ("tp", "pp", "cp", "dp_replicate")}
     dp_shard = procs // (dims["tp"] * dims["pp"] * dims["cp"] * dims["dp_replicate"])
-    config = ModelConfig(
-        dim=shape.dim,
-        n_layers=shape.n_layers,
-        n_heads=shape.n_heads,
-        n_kv_heads=shape.n_kv_heads,
-        ffn_hidden_dim=shape.ffn_hidden_dim,
-        vocab_size=shape.vocab_size,
-    )
+    config = ModelConfig(**model)
     m = memory_per_device(
-        config, shape.seq_len, micro_batch, dims["tp"], dims["pp"], dims["cp"], dp_shard
+        config, seq_len, micro_batch, dims["tp"], dims["pp"], dims["cp"], dp_shard
     )
     states = m.params + m.grads + m.optimizer
     return states / 2**20, (states + 2 * m.activations) / 2**20
@@ -210,7 +203,8 @@ def main() -> None:
         if r is None:
             print(f"| {name} | {procs} | failed | | | | | | | |")
             continue
-        states, total = estimate_mib(shape, parallel, procs, config["batch"]["micro_batch_size"])
+        micro = config["batch"]["micro_batch_size"]
+        states, total = estimate_mib(config["model"], parallel, procs, micro, shape.seq_len)
         print(
             f"| {name} | {procs} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / procs:.0f} "
             f"| {100 * r['comm_share']:.0f}% | {r['peak_rss_mib']:.0f} "

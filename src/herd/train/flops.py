@@ -135,7 +135,7 @@ def plan_layout(
     micro-batches as stages."""
     sequences = batch_tokens // seq_len
     powers = [2**i for i in range(20)]
-    for cp in (c for c in powers if c <= gpus and seq_len % (2 * c) == 0 or c == 1):
+    for cp in (c for c in powers if c == 1 or (c <= gpus and seq_len % (2 * c) == 0)):
         for pp in (p for p in powers if p <= config.n_layers):
             for tp in (t for t in powers if t <= gpus_per_node and config.n_kv_heads % t == 0):
                 if gpus % (tp * cp * pp):

@@ -6,8 +6,7 @@ parameters are held, which of its layers a process runs, and how activations are
 
 The mesh is ordered [pp, dp_replicate, dp_shard, cp, tp] (or, as the paper nests them,
 [dp_replicate, dp_shard, pp, cp, tp]), tp varying fastest so a tensor-parallel group stays
-inside a node. Launch with torchrun; each process reads its rank
-from the environment.
+inside a node. Launch with torchrun; each process reads its rank from the environment.
 """
 
 from __future__ import annotations
@@ -66,6 +65,11 @@ class ParallelDims:
     @property
     def world_size(self) -> int:
         return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def uses_fsdp(self) -> bool:
+        """FSDP shards over dp_shard x cp (replicated over dp_replicate)."""
+        return self.dp_shard * self.cp * self.dp_replicate > 1
 
 
 def resolve_dims(config: ParallelConfig, world_size: int) -> ParallelDims:
@@ -218,8 +222,7 @@ def fsdp_policy(
             f"[parallel] fsdp_param_dtype must be one of {list(FSDP_PARAM_DTYPES)}, "
             f"got {config.fsdp_param_dtype!r}"
         )
-    uses_fsdp = dims.dp_shard * dims.cp * dims.dp_replicate > 1
-    if (config.fsdp_param_dtype != "fp32" or config.cpu_offload) and not uses_fsdp:
+    if (config.fsdp_param_dtype != "fp32" or config.cpu_offload) and not dims.uses_fsdp:
         raise ConfigError(
             "[parallel] fsdp_param_dtype and cpu_offload apply to FSDP, which this layout does "
             "not use (no dp_shard, dp_replicate or cp above 1)"
@@ -235,7 +238,7 @@ def fsdp_policy(
 def data_parallel_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh | None:
     """The mesh FSDP shards over: dp_shard and cp together (context-parallel ranks hold the
     same parameters and each sees part of every sequence), HSDP with dp_replicate."""
-    if dims.dp_shard * dims.cp * dims.dp_replicate == 1:
+    if not dims.uses_fsdp:
         return None
     shard = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     if dims.dp_replicate == 1:
