@@ -138,7 +138,7 @@ def main() -> None:
         ("herd, continuous batching", lambda: herd_server(args.model, 32)),
         ("herd, one at a time", lambda: herd_server(args.model, 1)),
     ]
-    from herd.checkpoint.embedded import embedded_path
+    from herd.config.embedded import embedded_path
 
     gguf = str(embedded_path("smollm2")) if args.model == "smollm2" else args.model
     servers.append(("llama.cpp server", lambda: llamacpp_server(gguf)))

@@ -17,9 +17,14 @@ directory) and consume the same batches of `herd.data.PackedLoader`:
   positions restarting per document, AdamW, clipping at 1.0), with herd's run defaults
   (run.deterministic = true among them);
 - transformers: `LlamaForCausalLM` (sdpa attention) in a plain loop: forward with the same
-  tokens and per-document `position_ids` (from which transformers builds its own packed-sequence
-  mask, so it too attends within documents), F.cross_entropy on fp32 logits, backward,
+  tokens and per-document `position_ids` and `use_cache=False` (only then does transformers
+  build its packed-sequence mask from the positions, so it too attends within documents; with
+  the cache on it attends across them), F.cross_entropy on fp32 logits, backward,
   clip_grad_norm_(1.0), torch.optim.AdamW with the recipe's lr, betas, eps and weight decay.
+
+Both do the same work, checked before any step is timed: the transformers run's first loss
+(same weights, same batch) must equal herd's within 1e-5 in fp32 (1e-2 under bf16 autocast,
+whose roundings differ), or that run stops with an error instead of a speed.
 
 bf16 is torch.autocast over fp32 weights for both. Every engine x config x precision runs in
 a fresh process with `--threads` threads; a step's time includes fetching its batch. Reported:
@@ -170,7 +175,9 @@ def run_transformers(job: dict) -> tuple[Callable[[], float], int]:
         batch = next(batches)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch.tokens, position_ids=batch.positions).logits
+            logits = model(
+                input_ids=batch.tokens, position_ids=batch.positions, use_cache=False
+            ).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -183,6 +190,9 @@ def run_transformers(job: dict) -> tuple[Callable[[], float], int]:
 WORKERS = {"herd": run_herd, "transformers": run_transformers}
 
 
+LOSS_TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}
+
+
 def worker(spec: str) -> None:
     job = json.loads(spec)
     import torch
@@ -190,10 +200,17 @@ def worker(spec: str) -> None:
     torch.set_num_threads(job["threads"])
     step, params = WORKERS[job["engine"]](job)
     times, losses = [], []
-    for _ in range(job["warmup"] + job["steps"]):
+    for i in range(job["warmup"] + job["steps"]):
         start = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - start)
+        if i == 0 and job.get("expect_loss") is not None:  # a warm-up step: never timed
+            gap = abs(losses[0] - job["expect_loss"])
+            if gap > LOSS_TOLERANCE[job["precision"]]:
+                sys.exit(
+                    f"{job['engine']}: first-step loss {losses[0]:.7f} differs from herd's "
+                    f"{job['expect_loss']:.7f} by {gap:.1e}: the engines do different work"
+                )
     step_s = statistics.median(times[job["warmup"] :])
     result = {
         "tokens_per_s": job["tokens_per_step"] / step_s,
@@ -252,8 +269,9 @@ def main() -> None:
     for names, known in ((configs, SHAPES), (precisions, ("fp32", "bf16")), (engines, ENGINES)):
         if unknown := set(names) - set(known):
             parser.error(f"unknown {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be at least 1 and --warmup at least 0")
+    engines = [e for e in ENGINES if e in engines]  # herd first
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be at least 1 (the first step is checked)")
 
     import torch
     import transformers
@@ -291,9 +309,10 @@ def main() -> None:
                 "warmup": args.warmup,
                 "tokens_per_step": shape.batch_size * shape.seq_len,
             }
-            results: dict[str, dict | None] = {
-                engine: run_engine(job | {"engine": engine}) for engine in engines
-            }
+            results: dict[str, dict | None] = {}
+            for engine in engines:  # herd first: the others are checked against its loss
+                herd_loss = (results.get("herd") or {}).get("first_loss")
+                results[engine] = run_engine(job | {"engine": engine, "expect_loss": herd_loss})
             herd_r, hf_r = results.get("herd", {}), results.get("transformers", {})
             ratio = (
                 f"{herd_r['tokens_per_s'] / hf_r['tokens_per_s']:.2f}x" if herd_r and hf_r else "-"
@@ -309,9 +328,7 @@ def main() -> None:
                 | {"tokens_per_step": job["tokens_per_step"], "results": results}
             )
 
-    # Same weights and batch: equal first losses show both engines computed the same thing
-    # (transformers' packed-sequence mask included).
-    print("\nfirst-step loss (same initial weights, same batch):")
+    print("\nfirst-step loss (same initial weights, same batch; checked before timing):")
     for row in rows:
         losses = ", ".join(
             f"{engine} {r['first_loss']:.4f}" for engine, r in row["results"].items() if r

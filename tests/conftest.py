@@ -54,6 +54,6 @@ def hf_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from herd.checkpoint.embedded import embedded_path
+    from herd.config.embedded import embedded_path
 
     return embedded_path("smollm2")

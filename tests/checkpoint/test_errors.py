@@ -1,6 +1,7 @@
 """Bad checkpoints fail with an error that names the file and the problem."""
 
 import json
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -72,12 +73,34 @@ def test_truncated_meta_shard(tmp_path):
         herd.load_model(tmp_path)
 
 
+def plant_marker(marker: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Run by a malicious pickle: leaves a file behind, then hands back the real tensor so the
+    load would otherwise succeed."""
+    Path(marker).write_text("code ran")
+    return tensor
+
+
+class _CodeCarrier:
+    def __init__(self, marker: Path, tensor: torch.Tensor):
+        self.marker, self.tensor = marker, tensor
+
+    def __reduce__(self):
+        return plant_marker, (str(self.marker), self.tensor)
+
+
 def test_meta_pickle_with_code_is_refused(tmp_path):
     herd.save_model(herd.Transformer(herd.preset("debug")), tmp_path, "meta")
-    # A pickle that would call a function when loaded without weights_only.
-    torch.save({"x": torch.zeros(1), "f": print}, tmp_path / "consolidated.00.pth")
-    with pytest.raises(CheckpointError, match="consolidated.00.pth"):
+    shard, marker = tmp_path / "consolidated.00.pth", tmp_path / "marker"
+    state = torch.load(shard, weights_only=True)
+    state["norm.weight"] = _CodeCarrier(marker, state["norm.weight"])
+    torch.save(state, shard)
+    # The premise: without weights_only this file runs code and loads as a valid checkpoint.
+    assert torch.load(shard, weights_only=False)["norm.weight"].shape == (64,)
+    assert marker.read_text() == "code ran"
+    marker.unlink()
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: not a readable PyTorch"):
         herd.load_model(tmp_path)
+    assert not marker.exists()
 
 
 def test_truncated_gguf(tmp_path):

@@ -74,10 +74,24 @@ def stop_server(proc: subprocess.Popen) -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def live() -> tuple[subprocess.Popen, str]:
+    """The module's one `herd serve`; the SIGTERM test, last in the file, stops it."""
     proc, url = start_server("--max-batch", "32", "--kv-cache-mib", "64")
-    yield url
-    assert stop_server(proc) == 0
+    yield proc, url
+    if proc.poll() is None:
+        assert stop_server(proc) == 0
+
+
+@pytest.fixture(scope="module")
+def server(live) -> str:
+    return live[1]
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up after {seconds} s waiting for {what}"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -178,11 +192,20 @@ def test_32_concurrent_clients_match_one_at_a_time(client, llm, server):
     passes = metric(server, "herd_forward_passes_total") - steps_before
     batched = metric(server, "herd_batched_sequences_total") - batched_before
     assert batched / passes > 2  # the requests really were decoded together
+    # Each alone, offline: greedy continuations of the 24 distinct prompts, computed as one
+    # batch (test_generate checks a batch equals its prompts one by one); a request with a
+    # budget of k tokens gets the first k, or fewer if the model stops.
+    prompts = sorted({prompt for prompt, _ in jobs})
+    longest = max(max_tokens for _, max_tokens in jobs)
+    alone = dict(zip(prompts, llm.generate(prompts, max_new_tokens=longest, temperature=0)))
     for (prompt, max_tokens), (text, reason, usage) in zip(jobs, served):
-        [alone] = llm.generate(prompt, max_new_tokens=max_tokens, temperature=0)
-        assert text == alone.text
-        assert reason == alone.finish_reason
-        assert usage.completion_tokens == len(alone.token_ids)
+        ids = alone[prompt].token_ids[:max_tokens]
+        stopped = (
+            alone[prompt].finish_reason == "stop" and len(alone[prompt].token_ids) <= max_tokens
+        )
+        assert text == (alone[prompt].text if stopped else llm.tokenizer.decode(ids))
+        assert reason == ("stop" if stopped else "length")
+        assert usage.completion_tokens == len(ids)
     # a shared prompt's blocks were reused
     assert metric(server, "herd_prefix_cache_hit_rate") > 0
 
@@ -238,33 +261,8 @@ def test_disconnect_mid_stream_frees_blocks(server):
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
         assert metric(server, "herd_kv_blocks_free") < total  # it holds blocks now
-    deadline = time.monotonic() + 30
-    while metric(server, "herd_kv_blocks_free") < total and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert metric(server, "herd_kv_blocks_free") == total
+    wait_until(lambda: metric(server, "herd_kv_blocks_free") == total, 30, "the blocks")
     assert metric(server, "herd_running_sequences") == 0
-
-
-def test_sigterm_finishes_in_flight_requests_and_exits_0():
-    proc, url = start_server()
-    body = {"prompt": LINES[2], "max_tokens": 48, "temperature": 0, "stream": True}
-    chunks: list[str] = []
-
-    def read():
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
-            chunks.extend(line for line in response.iter_lines() if line)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    while metric(url, "herd_generation_tokens_total") < 1:
-        time.sleep(0.05)
-    assert stop_server(proc) == 0
-    reader.join(30)
-    assert chunks[-1] == "data: [DONE]"
-    finals = [json.loads(c[6:]) for c in chunks[:-1]]
-    assert finals[-1]["choices"][0]["finish_reason"] == "length"
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{url}/health")
 
 
 # --- in-process: authentication and back-pressure --------------------------------------------
@@ -316,49 +314,146 @@ def test_full_queue_answers_429_at_once(tiny_app):
         assert busy.json()["error"]["type"] == "rate_limit_error"
 
 
-def test_tools_become_llama31_tool_calling(tmp_path):
-    """With the Llama 3 tokenizer, `tools` are written into the prompt as the 3.1 tool system
-    prompt (the prompt is exactly ChatFormat's), and a generated custom-function call comes
-    back as an OpenAI `tool_calls` entry."""
-    from fastapi.testclient import TestClient
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The city's name"}},
+            "required": ["city"],
+        },
+    },
+}
+# The custom-tools user message for WEATHER_TOOL, laid out as llama_models/llama3_1/
+# prompt_format.md shows JSON tool calling (each parameter listed as an "object").
+WEATHER_TOOL_MESSAGE = """Answer the user's question by making use of the following functions if needed.
+If none of the function can be used, please say so.
+Here is a list of functions in JSON format:
+{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": [
+                {
+                    "city": {
+                        "type": "object",
+                        "description": "The city's name"
+                    }
+                }
+            ],
+            "required": ["city"]
+        }
+    }
+}
 
+Return function calls in JSON format."""
+
+
+def test_tools_become_llama31_tool_calling(tmp_path, monkeypatch):
+    """With the Llama 3 tokenizer, `tools` are written into the prompt as Llama 3.1's JSON tool
+    calling: the prompt the server submits is, id for id, what llama-models' ChatFormat encodes
+    for prompt_format.md's layout. A tool call the model generates (scripted here: a random
+    model would not write one) comes back through the HTTP API as an OpenAI `tool_calls` entry
+    equal to llama-models' own parse of those tokens."""
+    import datetime
+
+    from fastapi.testclient import TestClient
+    from llama_models.datatypes import RawMessage, StopReason
+    from llama_models.llama3.chat_format import ChatFormat as ReferenceChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer as ReferenceTokenizer
+
+    from herd.serve import engine as engine_module
     from herd.serve.api import ServerConfig, create_app
     from herd.serve.engine import Engine
+    from herd.tokenizer import llama3
     from tests.conftest import hf_llama
 
     hf_llama(vocab_size=128256).save_pretrained(tmp_path / "tiny")
-    from herd.tokenizer import llama3
-
     tokenizer = llama3()
     llama = Llama(herd.load_model(tmp_path / "tiny"), tokenizer, max_seq_len=1024)
-    tools = [
-        {
-            "type": "function",
-            "function": {
-                "name": "get_weather",
-                "description": "Current weather in a city",
-                "parameters": {
-                    "type": "object",
-                    "properties": {"city": {"type": "string"}},
-                    "required": ["city"],
-                },
-            },
-        }
-    ]
-    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    reference = ReferenceChatFormat(ReferenceTokenizer.get_instance())
+    system = (
+        "Environment: ipython\n\nCutting Knowledge Date: December 2023\n"
+        f"Today Date: {datetime.date.today():%d %B %Y}\n\nYou are a helpful assistant.\n"
+    )
+    expected_prompt = reference.encode_dialog_prompt(
+        [
+            RawMessage(role="system", content=system),
+            RawMessage(role="user", content=WEATHER_TOOL_MESSAGE),
+            RawMessage(role="user", content="Weather in Paris?"),
+        ]
+    ).tokens
+    call = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    script = reference.tokenizer.encode(call, bos=False, eos=False)
+    script.append(reference.tokenizer.special_tokens["<|eot_id|>"])
+    parsed = reference.decode_assistant_message(script, StopReason.end_of_turn)
+
+    submitted: list[list[int]] = []
+    submit = Engine.submit
+
+    def spy(self, request):
+        submitted.append(list(request.prompt))
+        submit(self, request)
+
+    generated: list[int] = []
+
+    def scripted(logits, params, generator=None, seen=None, counts=None):
+        generated.append(script[len(generated)])
+        return torch.tensor(generated[-1:])
+
+    monkeypatch.setattr(Engine, "submit", spy)
+    monkeypatch.setattr(engine_module, "sample", scripted)
     engine = Engine(llama.model, tokenizer, max_seq_len=1024, cache_bytes=2**24)
     app = create_app(llama, engine, ServerConfig("tiny"))
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Weather in Paris?"},
+    ]
     with TestClient(app) as http:
-        body = {"messages": messages, "tools": tools, "max_tokens": 2, "temperature": 0}
-        reply = http.post("/v1/chat/completions", json=body).json()
-        expected = llama.chat_format.encode_dialog(messages, tools=tools)
-        assert reply["usage"]["prompt_tokens"] == len(expected)
-        server = app.state.server
-        call = '<function=get_weather>{"city": "Paris"}</function>'
-        ids = tokenizer.encode(call) + [tokenizer.special_tokens["<|eot_id|>"]]
-        message = server._assistant(ids, None)
-        assert message["content"] is None
-        [tool_call] = message["tool_calls"]
-        assert tool_call["type"] == "function"
-        assert tool_call["function"]["name"] == "get_weather"
-        assert json.loads(tool_call["function"]["arguments"]) == {"city": "Paris"}
+        body = {"messages": messages, "tools": [WEATHER_TOOL], "max_tokens": 64}
+        reply = http.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    reply = reply.json()
+    assert submitted == [expected_prompt]
+    assert reply["usage"]["prompt_tokens"] == len(expected_prompt)
+    assert reply["usage"]["completion_tokens"] == len(script)
+    [choice] = reply["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    [tool_call] = choice["message"]["tool_calls"]
+    [reference_call] = parsed.tool_calls
+    assert tool_call["type"] == "function"
+    assert tool_call["function"]["name"] == reference_call.tool_name == "get_weather"
+    assert json.loads(tool_call["function"]["arguments"]) == reference_call.arguments
+
+
+# --- last: SIGTERM stops the module's server ---------------------------------------------
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(live):
+    """Runs last: it stops the module's server."""
+    proc, url = live
+    body = {"prompt": LINES[2], "max_tokens": 48, "temperature": 0, "stream": True}
+    chunks: list[str] = []
+
+    def read():
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            chunks.extend(line for line in response.iter_lines() if line)
+
+    reader = threading.Thread(target=read)
+    before = metric(url, "herd_generation_tokens_total")
+    reader.start()
+    wait_until(lambda: metric(url, "herd_generation_tokens_total") > before, 60, "a token")
+    assert stop_server(proc) == 0
+    reader.join(30)
+    assert not reader.is_alive()
+    assert chunks[-1] == "data: [DONE]"
+    finals = [json.loads(c[6:]) for c in chunks[:-1]]
+    assert finals[-1]["choices"][0]["finish_reason"] == "length"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health")

@@ -211,6 +211,48 @@ def test_existing_run_needs_resume_and_corrupt_checkpoints_are_named(corpus, tmp
     assert not (tmp_path / "pwned").exists()
 
 
+def planted(marker: str, value):
+    """What a swapped-in `.metadata` runs when unpickled: leave a file, then pass for valid."""
+    Path(marker).write_text("code ran")
+    return value
+
+
+class _Swapped:
+    def __init__(self, marker: Path, metadata):
+        self.marker, self.metadata = marker, metadata
+
+    def __reduce__(self):
+        return planted, (str(self.marker), self.metadata)
+
+
+def test_metadata_swapped_after_verification_is_never_unpickled(corpus, tmp_path, monkeypatch):
+    """The metadata file is read once: a valid one checked, then replaced by a pickle that
+    runs code before DCP reads it, does not get its code run (a time-of-check/time-of-use race)."""
+    run(corpus, tmp_path / "run", optim={"steps": 2})
+    ckpt = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    with (ckpt / ".metadata").open("rb") as f:
+        metadata = pickle.load(f)  # our own file: the test's trusted copy
+    marker = tmp_path / "marker"
+    evil = pickle.dumps(_Swapped(marker, metadata))
+    assert pickle.loads(evil) is not None and marker.exists()  # the payload works
+    marker.unlink()
+
+    real_open, opens = Path.open, []
+
+    def open_then_swap(self, *args, **kwargs):
+        stream = real_open(self, *args, **kwargs)
+        if self.name == ".metadata" and not opens:
+            opens.append(self)
+            (self.parent / "swap").write_bytes(evil)
+            os.replace(self.parent / "swap", self)  # the open stream still reads the old file
+        return stream
+
+    monkeypatch.setattr(Path, "open", open_then_swap)
+    trainer = Trainer(from_dict(recipe(corpus, tmp_path / "run")), resume=True)
+    assert opens and trainer.step == 2
+    assert not marker.exists()
+
+
 def test_metrics_jsonl_and_tensorboard(corpus, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -13,8 +13,8 @@ import torch
 
 from herd.checkpoint import gguf_file, hf, meta
 from herd.checkpoint.base import CheckpointError, CheckpointReader, format_names
-from herd.checkpoint.embedded import EMBEDDED, embedded_path
 from herd.config import ModelConfig
+from herd.config.embedded import EMBEDDED, embedded_path
 from herd.model import Transformer
 from herd.tokenizer import Tokenizer
 from herd.tokenizer.formats import gguf_fields, load_tokenizer, save_tokenizer

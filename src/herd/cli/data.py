@@ -29,8 +29,10 @@ def tokenize(
 ) -> None:
     """Tokenize a corpus into uint32 shards (one per input file) with document offsets.
 
-    Each document ends with the tokenizer's end-of-text token. Shards already written by an
-    earlier run are kept, so an interrupted run picks up where it stopped.
+    Each document ends with the tokenizer's end-of-text token. Empty documents (nothing but
+    whitespace) are skipped and counted; a JSONL line or Parquet row without a string "text"
+    is an error naming it. Shards already written by an earlier run are kept, so an
+    interrupted run picks up where it stopped.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -52,8 +54,12 @@ def tokenize(
                 workers=workers,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
-        except (FileNotFoundError, ValueError, ImportError) as e:
+        except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
             fail(str(e))
     tokens = sum(s.tokens for s in shards)
     documents = sum(s.documents for s in shards)
-    console.print(f"{len(shards)} shards, {documents:,} documents, {tokens:,} tokens in {out}")
+    empty = sum(s.empty for s in shards)
+    skipped = f"; {empty:,} empty document{'' if empty == 1 else 's'} skipped" if empty else ""
+    console.print(
+        f"{len(shards)} shards, {documents:,} documents, {tokens:,} tokens in {out}{skipped}"
+    )

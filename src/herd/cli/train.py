@@ -116,10 +116,13 @@ def pretrain(
 
 def _peer_failed(error: RuntimeError) -> None:
     """In a torchrun job a collective fails when another rank dies: say so in one line (torchrun
-    then names the rank that failed first) instead of a traceback per rank."""
+    then names the rank that failed first) instead of a traceback per rank. Any other error (a
+    bug, an out-of-memory) keeps its traceback."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    from herd.train.parallel import is_communication_failure
+
+    if not dist.is_initialized() or not is_communication_failure(error):
         raise error
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     fail(

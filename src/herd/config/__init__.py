@@ -1,4 +1,5 @@
-"""Configuration dataclasses; this package imports nothing else of herd's."""
+"""Configuration: dataclasses, named presets and the models that ship inside packages; this
+package imports nothing else of herd's, so every layer may import it."""
 
 from herd.config.model import PRESETS, ModelConfig, RopeScaling, preset
 

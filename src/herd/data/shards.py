@@ -4,24 +4,23 @@ A shard is three files in the output directory:
 - `NNNNN.bin`: the documents' token ids, uint32, back to back, each document ending with the
   tokenizer's end-of-text id (read with `numpy.memmap`);
 - `NNNNN.idx.npy`: int64 offsets of the document starts, plus the end (n_docs + 1 entries);
-- `NNNNN.json`: the source file, token and document counts. It is written last, by rename,
-  so its presence means the shard is complete; a re-run skips those shards.
+- `NNNNN.json`: the source file, token and document counts, and how many empty documents
+  (no text but whitespace) were skipped. It is written last, by rename, so its presence means
+  the shard is complete; a re-run skips those shards.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from herd.tokenizer.train import JSONL_SUFFIXES, corpus_files, read_documents
-
-PARQUET_SUFFIXES = (".parquet",)
+from herd.tokenizer.train import JSONL_SUFFIXES, PARQUET_SUFFIXES, corpus_files, read_documents
 
 
 @dataclass(frozen=True)
@@ -29,27 +28,13 @@ class Shard:
     path: Path  # without suffix: path.with_suffix(".bin") etc.
     tokens: int
     documents: int
+    empty: int = 0  # empty documents skipped
 
     def token_ids(self) -> np.ndarray:
         return np.memmap(self.path.with_suffix(".bin"), dtype=np.uint32, mode="r")
 
     def offsets(self) -> np.ndarray:
         return np.load(self.path.with_suffix(".idx.npy"))
-
-
-def documents(file: Path) -> Iterator[str]:
-    """Plain text files are one document; JSONL lines and Parquet rows have a `text` field."""
-    if file.suffix in PARQUET_SUFFIXES:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError(
-                f"{file}: reading Parquet needs pyarrow (pip install pyarrow)"
-            ) from None
-        table = pq.read_table(file, columns=["text"])
-        yield from (t for t in table.column("text").to_pylist() if t)
-        return
-    yield from read_documents([file])
 
 
 def _write_shard(job: tuple[Path, Path, str, int]) -> Shard:
@@ -60,7 +45,7 @@ def _write_shard(job: tuple[Path, Path, str, int]) -> Shard:
     if tokenizer.eos_id is None:
         raise ValueError(f"{tokenizer_path}: the tokenizer has no end-of-text id to end documents")
     bin_tmp = stem.with_suffix(".bin.tmp")
-    offsets, total, pending = [0], 0, []
+    offsets, total, empty, pending = [0], 0, 0, []
     with bin_tmp.open("wb") as out:
 
         def flush() -> None:
@@ -71,7 +56,10 @@ def _write_shard(job: tuple[Path, Path, str, int]) -> Shard:
                 offsets.append(total)
             pending.clear()
 
-        for text in documents(source):
+        for text in read_documents([source]):
+            if not text.strip():
+                empty += 1
+                continue
             pending.append(text)
             if len(pending) >= batch:
                 flush()
@@ -79,10 +67,11 @@ def _write_shard(job: tuple[Path, Path, str, int]) -> Shard:
     np.save(stem.with_suffix(".idx.tmp.npy"), np.asarray(offsets, dtype=np.int64))
     os.replace(stem.with_suffix(".idx.tmp.npy"), stem.with_suffix(".idx.npy"))
     os.replace(bin_tmp, stem.with_suffix(".bin"))
-    meta = {"source": str(source), "tokens": total, "documents": len(offsets) - 1}
+    documents = len(offsets) - 1
+    meta = {"source": str(source), "tokens": total, "documents": documents, "empty": empty}
     stem.with_suffix(".json.tmp").write_text(json.dumps(meta) + "\n")
     os.replace(stem.with_suffix(".json.tmp"), stem.with_suffix(".json"))
-    return Shard(stem, total, len(offsets) - 1)
+    return Shard(stem, total, documents, empty)
 
 
 def tokenize_corpus(
@@ -108,7 +97,7 @@ def tokenize_corpus(
     listing.write_text(json.dumps(sources, indent=1) + "\n")
     stems = [out / f"{i:05d}" for i in range(len(files))]
     todo = [
-        (f, stem, str(tokenizer), 64 if f.suffix in JSONL_SUFFIXES else 1)
+        (f, stem, str(tokenizer), 64 if f.suffix in JSONL_SUFFIXES + PARQUET_SUFFIXES else 1)
         for f, stem in zip(files, stems)
         if not stem.with_suffix(".json").exists()
     ]
@@ -131,7 +120,8 @@ def load_shards(directory: str | Path) -> list[Shard]:
     shards = []
     for meta_file in sorted(directory.glob("[0-9]*.json")):
         meta = json.loads(meta_file.read_text())
-        shards.append(Shard(meta_file.with_suffix(""), meta["tokens"], meta["documents"]))
+        stem = meta_file.with_suffix("")
+        shards.append(Shard(stem, meta["tokens"], meta["documents"], meta.get("empty", 0)))
     if not shards:
         raise FileNotFoundError(f"{directory}: no token shards (run `herd tokenize` first)")
     return shards

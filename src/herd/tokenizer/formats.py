@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gguf
 
+from herd.config.embedded import EMBEDDED, embedded_path
 from herd.tokenizer import gguf_vocab
 from herd.tokenizer.base import Tokenizer
 from herd.tokenizer.hf import (
@@ -95,8 +96,6 @@ def find_tokenizer(path: str | Path) -> Path:
 def _locate(path: Path) -> Path:
     """A tokenizer file: `path` itself, or the one in a checkpoint directory or embedded model."""
     if not path.exists():
-        from herd.checkpoint.embedded import EMBEDDED, embedded_path
-
         if str(path) not in EMBEDDED:
             raise FileNotFoundError(f"{path}: no such file or directory")
         path = embedded_path(str(path))

@@ -17,16 +17,20 @@ from herd.tokenizer.llama3 import NAMED_SPECIAL_TOKENS, PATTERN, STOP_TOKENS
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+CORPUS_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 
 
 def corpus_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Text and JSONL files named directly or found under directories."""
+    """Text, JSONL and Parquet files named directly or found under directories."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.suffix in CORPUS_SUFFIXES)
             if not found:
-                raise ValueError(f"{path}: no .txt, .md or .jsonl files in this directory")
+                raise ValueError(
+                    f"{path}: no .txt, .md, .jsonl or .parquet files in this directory"
+                )
             files += found
         elif path.is_file():
             files.append(path)
@@ -36,10 +40,14 @@ def corpus_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def read_documents(files: Iterable[Path]) -> Iterator[str]:
-    """Plain text files are one document each; JSONL files hold one `{"text": ...}` per line."""
+    """Plain text files are one document each; each JSONL line and each Parquet row holds one
+    in its `text` field. A record without a string `text` (missing, null, another type) is an
+    error naming the file and line or row; empty texts are passed on as they are."""
     for file in files:
         if file.suffix in JSONL_SUFFIXES:
             yield from _jsonl_texts(file)
+        elif file.suffix in PARQUET_SUFFIXES:
+            yield from _parquet_texts(file)
         else:
             yield file.read_text(encoding="utf-8", errors="replace")
 
@@ -58,6 +66,31 @@ def _jsonl_texts(file: Path) -> Iterator[str]:
                 ) from None
             if not isinstance(text, str):
                 raise TypeError(f'{file}:{number}: "text" must be a string')
+            yield text
+
+
+def _parquet_texts(file: Path) -> Iterator[str]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{file}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
+    schema = table.schema_arrow
+    if "text" not in schema.names:
+        raise ValueError(f'{file}: no "text" column (it has {", ".join(schema.names)})')
+    kind = schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise TypeError(f'{file}: the "text" column holds {kind}, not strings')
+    row = 0
+    for batch in table.iter_batches(columns=["text"]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is None:
+                raise ValueError(f'{file}: row {row}: "text" is null')
             yield text
 
 

@@ -7,7 +7,8 @@ start. The last `keep` complete checkpoints are kept. With `async_save` the stat
 host memory and written by a background thread while training goes on.
 
 Only tensors are saved (non-tensor values would be pickled by DCP), and DCP's own `.metadata`
-pickle is read with an allow-list before DCP reads it, so a tampered checkpoint cannot run code.
+pickle is read once, with an allow-list, and DCP plans the load from that object instead of
+unpickling the file itself, so a tampered (or swapped) checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from herd.config import ModelConfig
 from herd.model import Transformer
@@ -82,7 +84,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def check_metadata(path: Path, keys: set[str]) -> None:
+def verified_metadata(path: Path, keys: set[str]) -> Metadata:
     """Read `.metadata` safely and make sure every key we will load is a plain tensor."""
     try:
         with (path / ".metadata").open("rb") as f:
@@ -90,7 +92,7 @@ def check_metadata(path: Path, keys: set[str]) -> None:
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
         raise CheckpointCorrupt(f"{path}: unreadable checkpoint metadata ({e})") from None
     entries = getattr(metadata, "state_dict_metadata", None)
-    if not isinstance(entries, builtins.dict):
+    if not isinstance(metadata, Metadata) or not isinstance(entries, builtins.dict):
         raise CheckpointCorrupt(f"{path}: checkpoint metadata has no tensor index")
     missing = sorted(keys - set(entries))
     if missing:
@@ -101,13 +103,29 @@ def check_metadata(path: Path, keys: set[str]) -> None:
     pickled = sorted(k for k in keys if isinstance(entries[k], BytesStorageMetadata))
     if pickled:
         raise CheckpointCorrupt(f"{path}: entries {pickled[:3]} are pickled objects; refusing")
+    return metadata
+
+
+class _VerifiedReader(FileSystemReader):
+    """DCP's file reader, handed the metadata we verified: reading `.metadata` a second time
+    would unpickle whatever the file holds by then."""
+
+    def __init__(self, path: Path, metadata: Metadata):
+        super().__init__(path)
+        self._metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if getattr(self._metadata, "storage_meta", None) is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
 
 
 def read_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Fill `state`'s tensors in place from checkpoint `path` (keys it lacks stay unread)."""
-    check_metadata(path, flat_keys(state))
+    reader = _VerifiedReader(path, verified_metadata(path, flat_keys(state)))
     try:
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, storage_reader=reader)
     except (CheckpointException, RuntimeError, OSError) as e:
         # CheckpointException is a BaseException: a bare `except Exception` misses it
         raise CheckpointCorrupt(f"{path}: could not read the checkpoint: {e}") from e

@@ -12,6 +12,7 @@ inside a node. Launch with torchrun; each process reads its rank from the enviro
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -111,6 +112,24 @@ def init_distributed(device: torch.device) -> int:
         store = dist.PrefixStore(f"herd/attempt-{attempt}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return world
+
+
+# What gloo's TCP transport says when the process at the other end is gone or silent; NCCL
+# and the stores raise torch.distributed's own error classes instead.
+_GLOO_PEER_LOST = re.compile(
+    r"gloo/transport|Connection (closed|reset) by peer|Broken pipe|Connection refused"
+    r"|Timed out waiting|Socket Timeout|Application timeout caused pair closure"
+)
+
+
+def is_communication_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another process died or stopped
+    answering, as opposed to a bug or an out-of-memory on this one."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    if isinstance(error, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)):
+        return True
+    return isinstance(error, RuntimeError) and bool(_GLOO_PEER_LOST.search(str(error)))
 
 
 def build_mesh(dims: ParallelDims, device_type: str, order: str = "pp,dp,cp,tp") -> DeviceMesh:
