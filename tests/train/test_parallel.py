@@ -5,6 +5,7 @@ rank stops the job with a clear message, and torchrun's restart (or --resume) co
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from herd.config.train import ConfigError, ParallelConfig
 from herd.train.metrics import read_metrics
@@ -36,23 +38,29 @@ def write(corpus, tmp_path: Path, name: str) -> Path:
     return file
 
 
-def launch(recipe_file: Path, procs: int, *args: str, module: str = "herd", restarts: int = 0):
+def launch(
+    *args: str, procs: int, module: str = "herd", restarts: int = 0, env: dict | None = None
+) -> subprocess.CompletedProcess:
     # --standalone: a rendezvous on a free port, so runs never share one. torchrun looks at its
     # workers every 2 s (not 0.1 s), so a survivor has time to report its failed collective
     # before torchrun stops it.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += [f"--nproc-per-node={procs}", f"--max-restarts={restarts}", "--monitor-interval=2"]
-    command += ["-m", module, "pretrain", str(recipe_file), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command += ["-m", module, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=240, check=False
+        command, capture_output=True, text=True, env=env, timeout=400, check=False
     )
+
+
+def pretrain(recipe_file: Path, *args: str, procs: int, **kwargs) -> subprocess.CompletedProcess:
+    return launch("pretrain", str(recipe_file), *args, procs=procs, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def single_run(corpus, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("single")
-    done = launch(write(corpus, root, "run"), 1)
+    done = pretrain(write(corpus, root, "run"), procs=1)
     assert done.returncode == 0, done.stderr
     return root / "run"
 
@@ -71,61 +79,80 @@ def same_losses(got: list[dict], expected: list[dict], rel: float = 1e-5) -> Non
 
 
 def setting(*pairs: str) -> list[str]:
-    return [arg for pair in pairs for arg in ("--set", f"parallel.{pair}")]
+    return [f"parallel.{pair}" for pair in pairs]
 
 
-LAYOUTS = {
-    "fsdp2": (2, []),
-    "tp2": (2, setting("tp=2")),
-    "replicate2": (2, setting("dp_replicate=2", "dp_shard=1")),
-    "pp2_1f1b": (2, setting("pp=2")),
-    "pp2_interleaved": (2, setting("pp=2", 'pp_schedule="Interleaved1F1B"')),
-    "cp2": (2, setting("cp=2")),
-    "fsdp2_tp2": (4, setting("tp=2")),
-    "pp2_fsdp2_paper_order": (4, setting("pp=2", 'order="dp,pp,cp,tp"')),
+# name: (processes, parallel settings, the run whose step-5 checkpoint it resumes from)
+RUNS = {
+    "fsdp2": (2, [], None),
+    "tp2": (2, setting("tp=2"), None),
+    "replicate2": (2, setting("dp_replicate=2", "dp_shard=1"), None),
+    "pp2_1f1b": (2, setting("pp=2"), None),
+    "pp2_interleaved": (2, setting("pp=2", 'pp_schedule="Interleaved1F1B"'), None),
+    "cp2": (2, setting("cp=2"), None),
+    "fsdp2_bf16": (2, setting('fsdp_param_dtype="bf16"'), None),
+    # the resumes the README promises: each layout reads a checkpoint another layout wrote
+    "tp2_to_fsdp2": (2, [], "tp2"),
+    "pp2_to_cp2": (2, setting("cp=2"), "pp2_1f1b"),
+    "pp2_to_tp2": (2, setting("tp=2"), "pp2_1f1b"),
+    "fsdp2_tp2": (4, setting("tp=2"), None),
+    "pp2_fsdp2_paper_order": (4, setting("pp=2", 'order="dp,pp,cp,tp"'), None),
 }
+LAYOUTS = [n for n, (_, _, source) in RUNS.items() if source is None and n != "fsdp2_bf16"]
+RESUMES = [n for n, (_, _, source) in RUNS.items() if source is not None]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory) -> Path:
+    """Every run of RUNS, in one torchrun launch per process count."""
+    root = tmp_path_factory.mktemp("layouts")
+    for procs in sorted({p for p, _, _ in RUNS.values()}):
+        jobs = []
+        for name, (p, settings, source) in RUNS.items():
+            if p == procs:
+                resume = source and str(root / source / "checkpoints" / "step-00000005")
+                recipe_file = str(write(corpus, root, name))
+                jobs.append({"recipe": recipe_file, "set": settings, "resume_from": resume})
+        (root / f"jobs-{procs}.json").write_text(json.dumps(jobs))
+        done = launch(str(root / f"jobs-{procs}.json"), procs=procs, module="tests.train.layouts")
+        assert done.returncode == 0, done.stderr[-3000:]
+    return root
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_matches_single_process(corpus, tmp_path, single, layout):
-    procs, args = LAYOUTS[layout]
-    done = launch(write(corpus, tmp_path, layout), procs, *args)
-    assert done.returncode == 0, done.stderr[-3000:]
-    same_losses(read_metrics(tmp_path / layout / "metrics.jsonl"), single)
+def test_layout_matches_single_process(runs, single, layout):
+    same_losses(read_metrics(runs / layout / "metrics.jsonl"), single)
 
 
-def test_fsdp_bf16_parameters_train_like_fp32(corpus, tmp_path, single):
+def test_fsdp_bf16_parameters_train_like_fp32(runs, single):
     """FSDP's mixed precision gathers and computes in bf16 (reducing in fp32): not equal to the
     fp32 run, but within bf16's rounding of it."""
-    done = launch(write(corpus, tmp_path, "bf16"), 2, *setting('fsdp_param_dtype="bf16"'))
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = read_metrics(tmp_path / "bf16" / "metrics.jsonl")
+    got = read_metrics(runs / "fsdp2_bf16" / "metrics.jsonl")
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in single], rel=2e-3)
     assert [r["loss"] for r in got] != [r["loss"] for r in single]
 
 
-def test_a_pipeline_run_resumes_with_tp_and_exports_one_hf_checkpoint(
-    corpus, tmp_path, single, single_run
-):
-    """Saved by 2 pipeline stages (each rank writes its own layers), resumed by 2 tensor-
-    parallel ranks (each reads a slice of every layer): the continued losses match. The
-    finished pipeline run exports one HF checkpoint equal to the single-process run's."""
+@pytest.mark.parametrize("name", RESUMES)
+def test_a_checkpoint_resumes_in_another_layout(runs, single, name):
+    """Saved by one layout (2 pipeline stages each writing its own layers, or 2 tensor-parallel
+    ranks each writing a slice of every layer), resumed by another from step 5: the continued
+    losses match the single-process run's."""
+    same_losses(read_metrics(runs / name / "metrics.jsonl"), single[5:])
+
+
+def test_a_pipeline_run_exports_one_hf_checkpoint(runs, single_run, tmp_path):
+    """The finished pipeline run (each stage saved its own layers) exports one HF checkpoint
+    equal to the single-process run's."""
     from safetensors.torch import load_file
 
-    procs, args = LAYOUTS["pp2_1f1b"]
-    done = launch(write(corpus, tmp_path, "pp"), procs, *args)
-    assert done.returncode == 0, done.stderr[-3000:]
-    checkpoint = tmp_path / "pp" / "checkpoints" / "step-00000005"
-    procs, args = LAYOUTS["tp2"]
-    done = launch(write(corpus, tmp_path, "tp"), procs, *args, "--resume-from", str(checkpoint))
-    assert done.returncode == 0, done.stderr[-3000:]
-    same_losses(read_metrics(tmp_path / "tp" / "metrics.jsonl"), single[5:])
+    import herd
+    from herd.train.checkpoint import load_run_model
 
     exported = {}
-    for name, run in (("pp", tmp_path / "pp"), ("single", single_run)):
-        command = [sys.executable, "-m", "herd", "export", str(run), str(tmp_path / f"{name}-hf")]
-        subprocess.run([*command, "--to", "hf"], check=True, capture_output=True, timeout=120)
-        exported[name] = load_file(tmp_path / f"{name}-hf" / "model.safetensors")
+    for name, run in (("pp", runs / "pp2_1f1b"), ("single", single_run)):
+        model, _ = load_run_model(run)
+        herd.save_model(model, tmp_path / name, format="hf")
+        exported[name] = load_file(tmp_path / name / "model.safetensors")
     assert exported["pp"].keys() == exported["single"].keys()
     assert len([k for k in exported["pp"] if ".layers." in k]) == 4 * 9
     for key, value in exported["single"].items():
@@ -133,40 +160,66 @@ def test_a_pipeline_run_resumes_with_tp_and_exports_one_hf_checkpoint(
         torch.testing.assert_close(exported["pp"][key], value, rtol=1e-4, atol=2e-5)
 
 
+def dying(marker: Path, failure: str = "kill") -> dict:
+    return {"HERD_TEST_DIE_MARKER": str(marker), "HERD_TEST_FAILURE": failure}
+
+
 def test_a_dying_rank_stops_the_job_and_resume_continues_it(corpus, tmp_path, single):
     """Rank 1 SIGKILLs itself in step 7: the job ends (no hang) with torchrun naming the dead
     rank and herd's one-line message on the survivor; relaunching with --resume continues from
     the step-5 checkpoint with the uninterrupted run's losses."""
-    marker = tmp_path / "died-once"
-    os.environ["HERD_TEST_DIE_MARKER"] = str(marker)
-    try:
-        file = write(corpus, tmp_path, "dies")
-        done = launch(file, 2, "--resume", module="tests.train.dying_rank")
-        assert done.returncode != 0 and marker.exists()
-        assert "Signal 9 (SIGKILL) received" in done.stderr  # torchrun names the dead rank
-        assert "another rank has probably died" in done.stderr
-        logged = read_metrics(tmp_path / "dies" / "metrics.jsonl")
-        assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
-        done = launch(file, 2, "--resume", module="tests.train.dying_rank")
-        assert done.returncode == 0, done.stderr[-3000:]
-    finally:
-        del os.environ["HERD_TEST_DIE_MARKER"]
+    env = dying(tmp_path / "died-once")
+    file = write(corpus, tmp_path, "dies")
+    done = pretrain(file, "--resume", procs=2, module="tests.train.dying_rank", env=env)
+    assert done.returncode != 0 and (tmp_path / "died-once").exists()
+    assert "Signal 9 (SIGKILL) received" in done.stderr  # torchrun names the dead rank
+    assert "rank 0: a collective failed" in done.stderr
+    assert "another rank has probably died" in done.stderr
+    logged = read_metrics(tmp_path / "dies" / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    done = pretrain(file, "--resume", procs=2, module="tests.train.dying_rank", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
     same_losses(read_metrics(tmp_path / "dies" / "metrics.jsonl"), single)
+
+
+def test_a_bug_on_one_rank_keeps_its_traceback(corpus, tmp_path):
+    """An ordinary error on rank 1 (not a failed collective) is shown with its traceback, not
+    passed off as another rank's death; rank 0, whose collective then fails, says so."""
+    env = dying(tmp_path / "failed-once", failure="bug")
+    done = pretrain(
+        write(corpus, tmp_path, "bug"), procs=2, module="tests.train.dying_rank", env=env
+    )
+    assert done.returncode != 0 and (tmp_path / "failed-once").exists()
+    assert "Traceback (most recent call last)" in done.stderr
+    assert "RuntimeError: shapes (3, 4) and (5, 6) do not match: a bug in step 7" in done.stderr
+    assert "rank 1: a collective failed" not in done.stderr
 
 
 def test_torchrun_restarts_a_job_whose_rank_died(corpus, tmp_path, single):
     """With --max-restarts 1, torchrun itself relaunches the workers after rank 1 kills itself
     once; they resume from the last checkpoint and finish with the uninterrupted run's losses."""
-    marker = tmp_path / "died-once"
-    os.environ["HERD_TEST_DIE_MARKER"] = str(marker)
-    try:
-        file = write(corpus, tmp_path, "restarts")
-        done = launch(file, 2, "--resume", module="tests.train.dying_rank", restarts=1)
-    finally:
-        del os.environ["HERD_TEST_DIE_MARKER"]
-    assert marker.exists() and done.returncode == 0, done.stderr[-3000:]
+    env = dying(tmp_path / "died-once")
+    file = write(corpus, tmp_path, "restarts")
+    done = pretrain(file, "--resume", procs=2, module="tests.train.dying_rank", restarts=1, env=env)
+    assert (tmp_path / "died-once").exists() and done.returncode == 0, done.stderr[-3000:]
     assert "resuming at step 5" in done.stdout
     same_losses(read_metrics(tmp_path / "restarts" / "metrics.jsonl"), single)
+
+
+def test_communication_failures_are_told_from_other_errors():
+    from herd.train.parallel import is_communication_failure
+
+    # what gloo raised on the survivor when its peer was SIGKILLed (torch 2.13)
+    gloo = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+        "closed by peer [127.0.0.1]:3476. This is typically caused by a remote worker crashing."
+    )
+    assert is_communication_failure(gloo)
+    assert is_communication_failure(dist.DistNetworkError("store unreachable"))
+    assert is_communication_failure(dist.DistBackendError("NCCL watchdog timeout"))
+    assert not is_communication_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_communication_failure(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_communication_failure(ValueError("bad value"))
 
 
 @pytest.mark.parametrize(
