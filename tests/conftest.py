@@ -57,3 +57,22 @@ def smollm2_path() -> Path:
     from herd.config.embedded import embedded_path
 
     return embedded_path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_path):
+    """transformers' own reading of the SmolLM2 GGUF (its dequantisation, its model), float32:
+    loaded once, the reference of several test files."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers_tokenizer(smollm2_path):
+    """transformers' tokenizer read from the SmolLM2 GGUF, loaded once."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)

@@ -1,7 +1,5 @@
 """GGUF: the real SmolLM2 file against transformers; herd's GGUF files against real llama.cpp."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -19,16 +17,10 @@ def smollm2(smollm2_path):
     return herd.load_model(smollm2_path)
 
 
-def test_smollm2_matches_transformers(smollm2, smollm2_path):
-    from transformers import AutoModelForCausalLM
-
+def test_smollm2_matches_transformers(smollm2, smollm2_transformers):
     assert smollm2.config.n_layers == 30 and smollm2.config.n_kv_heads == 3
     assert smollm2.config.tie_word_embeddings
-    ref = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_path),
-        gguf_file=os.path.basename(smollm2_path),
-        dtype=torch.float32,
-    )
+    ref = smollm2_transformers
     tokens = torch.tensor([PROMPT])
     with torch.no_grad():
         diff = (smollm2(tokens) - ref(tokens).logits).abs().max().item()

@@ -33,12 +33,10 @@ def tiny(tmp_path_factory) -> herd.Transformer:
 # --- SmolLM2 against transformers ----------------------------------------------------------
 
 
-def test_greedy_matches_transformers_batched(llm, smollm2_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = smollm2_path
-    ref_tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    ref = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+def test_greedy_matches_transformers_batched(
+    llm, smollm2_transformers, smollm2_transformers_tokenizer
+):
+    ref_tok, ref = smollm2_transformers_tokenizer, smollm2_transformers
     ids = [llm.encode(text) for text in PROMPTS]
     assert ids == [ref_tok(text).input_ids for text in PROMPTS]  # same BOS rule as transformers
     assert len({len(i) for i in ids}) == 3  # different lengths: the batch is padded

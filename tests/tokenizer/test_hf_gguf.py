@@ -65,13 +65,6 @@ def smollm2(smollm2_path) -> HFTokenizer:
     return HFTokenizer.from_gguf_file(smollm2_path)
 
 
-@pytest.fixture(scope="module")
-def transformers_smollm2(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
-
-
 # ---------------------------------------------------------------- SmolLM2's GGUF vocabulary
 
 
@@ -98,8 +91,8 @@ def _non_ascii_digits(text: str) -> bool:
     return any(c.isnumeric() and not c.isascii() for c in text)
 
 
-def test_smollm2_ids_match_transformers(smollm2, transformers_smollm2):
-    ref = transformers_smollm2
+def test_smollm2_ids_match_transformers(smollm2, smollm2_transformers_tokenizer):
+    ref = smollm2_transformers_tokenizer
     for text in TEXTS:
         if _non_ascii_digits(text):
             continue  # see the next test
@@ -108,7 +101,9 @@ def test_smollm2_ids_match_transformers(smollm2, transformers_smollm2):
         assert smollm2.encode(text) == plain
 
 
-def test_transformers_ignores_the_smollm_digit_split(smollm2, smollm2_path, transformers_smollm2):
+def test_transformers_ignores_the_smollm_digit_split(
+    smollm2, smollm2_path, smollm2_transformers_tokenizer
+):
     """transformers has no entry for the GGUF pre-tokenizer "smollm" and splits with GPT-2's
     regex alone; llama.cpp (and SmolLM2's own tokenizer.json) first cut every digit apart. ASCII
     digits tokenize the same either way, but " ٣" becomes " " + "٣" in llama.cpp and one
@@ -116,7 +111,7 @@ def test_transformers_ignores_the_smollm_digit_split(smollm2, smollm2_path, tran
     text = "ages ٣٤٥ and ४५६"
     ours = smollm2.encode(text)
     assert ours == llamacpp_tokenize(smollm2_path, [text])[0]
-    assert ours != transformers_smollm2.encode(text, add_special_tokens=False)
+    assert ours != smollm2_transformers_tokenizer.encode(text, add_special_tokens=False)
     assert smollm2.decode([ours[1]]) == " "
 
 
@@ -162,7 +157,9 @@ def test_lone_surrogates_become_replacement_characters(smollm2):
 # ---------------------------------------------------------------- Hugging Face directories
 
 
-def test_smollm2_as_tokenizer_json_loads_in_transformers(tmp_path, smollm2, transformers_smollm2):
+def test_smollm2_as_tokenizer_json_loads_in_transformers(
+    tmp_path, smollm2, smollm2_transformers_tokenizer
+):
     """GGUF -> tokenizer.json: transformers' AutoTokenizer on the directory herd writes gives the
     ids transformers gives from the GGUF itself (llama.cpp's where those two differ)."""
     from transformers import AutoTokenizer
@@ -174,7 +171,7 @@ def test_smollm2_as_tokenizer_json_loads_in_transformers(tmp_path, smollm2, tran
     for text in TEXTS:
         ids = theirs.encode(text, add_special_tokens=False)
         if not _non_ascii_digits(text):
-            assert ids == transformers_smollm2.encode(text, add_special_tokens=False)
+            assert ids == smollm2_transformers_tokenizer.encode(text, add_special_tokens=False)
         assert ids == smollm2.encode(text, special=True)
         assert theirs.decode(ids) == text
     reloaded = load_tokenizer(tmp_path)
