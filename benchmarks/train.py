@@ -1,6 +1,6 @@
 """Training speed and memory: herd's Trainer vs transformers' LlamaForCausalLM, one run.
 
-    python benchmarks/train.py [--configs tiny,100m] [--precisions fp32,bf16]
+    python benchmarks/train.py [--configs tiny,100m] [--precisions fp32,bf16] [--compile]
                                [--engines herd,transformers] [--steps 8] [--warmup 2]
                                [--threads N] [--workdir out/bench-train]
 
@@ -15,7 +15,8 @@ directory) and consume the same batches of `herd.data.PackedLoader`:
 
 - herd: `Trainer` from a recipe dict, timed per `train_step()` (document-masked SDPA, RoPE
   positions restarting per document, AdamW, clipping at 1.0), with herd's run defaults
-  (run.deterministic = true among them);
+  (run.deterministic = true among them); `--compile` sets run.compile = true (torch.compile
+  of the model, its compilation in the warm-up steps);
 - transformers: `LlamaForCausalLM` (sdpa attention) in a plain loop: forward with the same
   tokens and per-document `position_ids` and `use_cache=False` (only then does transformers
   build its packed-sequence mask from the positions, so it too attends within documents; with
@@ -71,7 +72,9 @@ SHAPES = {
 }
 
 
-def recipe(shape: Shape, precision: str, threads: int, data: Path, run_dir: Path) -> dict:
+def recipe(
+    shape: Shape, precision: str, threads: int, data: Path, run_dir: Path, compile: bool = False
+) -> dict:
     """The Trainer's config; the transformers loop reads its optimizer settings from it too."""
     return {
         "model": {
@@ -93,6 +96,7 @@ def recipe(shape: Shape, precision: str, threads: int, data: Path, run_dir: Path
             "threads": threads,
             "device": "cpu",
             "seed": 0,
+            "compile": compile,
         },
     }
 
@@ -255,6 +259,7 @@ def main() -> None:
     parser.add_argument("--configs", default="tiny,100m", help=f"of {', '.join(SHAPES)}")
     parser.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"of {', '.join(ENGINES)}")
+    parser.add_argument("--compile", action="store_true", help="herd with run.compile = true")
     parser.add_argument("--steps", type=int, default=8, help="measured steps (median is used)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -287,7 +292,8 @@ def main() -> None:
         print(f"warning: load average {load:.1f} before the run: other processes share the CPU")
     print()
     print(
-        "| config | params | precision | herd tok/s | transformers tok/s | ratio "
+        f"| config | params | precision | herd{' (compiled)' if args.compile else ''} tok/s "
+        "| transformers tok/s | ratio "
         "| herd peak RSS MiB | transformers peak RSS MiB |\n|" + "---|" * 8,
         flush=True,
     )
@@ -301,7 +307,7 @@ def main() -> None:
         for precision in precisions:
             run_dir = args.workdir / "runs" / f"{name}-{precision}"
             job = {
-                "config": recipe(shape, precision, args.threads, data, run_dir),
+                "config": recipe(shape, precision, args.threads, data, run_dir, args.compile),
                 "hf_dir": str(hf_dir),
                 "precision": precision,
                 "threads": args.threads,
