@@ -10,8 +10,8 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "herd"
 
-# STYLE.md's order: config -> tokenizer, model -> checkpoint, data, quantize -> train, infer
-# -> serve -> cli. Packages on one layer do not import each other either.
+# STYLE.md's order: config -> tokenizer, model -> checkpoint, data, quantize, adapters ->
+# train, infer -> serve -> cli. Packages on one layer do not import each other either.
 LAYERS = {
     "config": 0,
     "tokenizer": 1,
@@ -19,6 +19,7 @@ LAYERS = {
     "checkpoint": 2,
     "data": 2,
     "quantize": 2,
+    "adapters": 2,
     "train": 3,
     "infer": 3,
     "serve": 4,

@@ -1,0 +1,11 @@
+"""Adapters applied to a built model from outside, as module swaps: LoRA."""
+
+from herd.adapters.lora import (
+    LoRALinear,
+    apply_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
+)
+
+__all__ = ["LoRALinear", "apply_lora", "load_lora_state_dict", "lora_state_dict", "merge_lora"]
