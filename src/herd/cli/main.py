@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from herd.cli import data as data_cli
+from herd.cli import finetune as finetune_cli
 from herd.cli import generate as generate_cli
 from herd.cli import quantize as quantize_cli
 from herd.cli import serve as serve_cli
@@ -35,6 +36,8 @@ app.command()(serve_cli.serve)
 app.command()(data_cli.tokenize)
 app.command()(train_cli.pretrain)
 app.command()(train_cli.export)
+app.command()(finetune_cli.merge)
+app.command()(finetune_cli.average)
 
 
 def _human_bytes(n: float) -> str:
