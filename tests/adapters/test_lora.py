@@ -130,3 +130,36 @@ def test_bad_adapters_are_refused_with_a_reason(base, tmp_path):
         herd_with(tmp_path / "narrow", tmp_path / "peft")
     with pytest.raises(herd.CheckpointError, match="not a PEFT adapter"):
         read_peft_adapter(tmp_path, herd.preset("debug"))
+
+
+def test_llama_load_folds_an_adapter_in_before_quantizing(tmp_path):
+    """`Llama.load(..., adapter=)` gives PEFT's logits; with int8 on top, the quantized model is
+    the merged one's (closer to PEFT than the quantized base is)."""
+    from herd.infer import Llama
+    from herd.tokenizer import save_tokenizer
+
+    hf_llama(vocab_size=49152).save_pretrained(tmp_path / "base")
+    save_tokenizer(herd.load_tokenizer("smollm2"), tmp_path / "base")
+    reference = peft_model(tmp_path / "base")
+    reference.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = reference(TOKENS).logits
+        llama = Llama.load(tmp_path / "base", adapter=tmp_path / "adapter")
+        torch.testing.assert_close(llama.model(TOKENS), expected, rtol=0, atol=1e-5)
+        assert not any(isinstance(m, herd.adapters.LoRALinear) for m in llama.model.modules())
+        quantized = Llama.load(tmp_path / "base", adapter=tmp_path / "adapter", quantize="int8")
+        plain = Llama.load(tmp_path / "base", quantize="int8")
+        gap = (quantized.model(TOKENS) - expected).abs().max()
+        assert gap < (plain.model(TOKENS) - expected).abs().max()
+
+
+def test_cli_chat_names_an_adapter_that_does_not_fit(base, tmp_path):
+    from typer.testing import CliRunner
+
+    from herd.cli.main import app
+
+    peft_model(base).save_pretrained(tmp_path / "peft")
+    hf_llama(n_kv_heads=4).save_pretrained(tmp_path / "other")
+    args = ["chat", "-m", str(tmp_path / "other"), "--adapter", str(tmp_path / "peft")]
+    result = CliRunner().invoke(app, [*args, "--message", "hi"])
+    assert result.exit_code == 1 and "another base model" in " ".join(result.output.split())

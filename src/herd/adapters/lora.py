@@ -99,6 +99,20 @@ def load_lora_state_dict(
             layer.lora_B.copy_(b)
 
 
+def fold_adapter(
+    model: nn.Module, config: LoraConfig, state: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> nn.Module:
+    """Apply an adapter's weights to `model` and fold them in at once (no LoRA layers stay,
+    and the parameters train or not as before)."""
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    apply_lora(model, config)
+    load_lora_state_dict(model, state)
+    merge_lora(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable[name])
+    return model
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain linear layers back."""
     for name, layer in lora_layers(model).items():

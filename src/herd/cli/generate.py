@@ -36,6 +36,10 @@ Compile = Annotated[
         help="torch.compile the decode step (static KV cache): ~1 min to compile, then faster.",
     ),
 ]
+Adapter = Annotated[
+    str | None,
+    typer.Option(help="A PEFT-format LoRA adapter directory, folded into the weights at load."),
+]
 MaxSeqLen = Annotated[
     int | None,
     typer.Option(help="Context window in tokens (bounds the KV cache). Default: the model's."),
@@ -43,7 +47,12 @@ MaxSeqLen = Annotated[
 
 
 def load_llama(
-    model: str, dtype: str | None, quantize: str | None, max_seq_len: int | None, compile: bool
+    model: str,
+    dtype: str | None,
+    quantize: str | None,
+    max_seq_len: int | None,
+    compile: bool,
+    adapter: str | None = None,
 ) -> Llama:
     from herd.checkpoint import CheckpointError
     from herd.infer import Llama
@@ -51,7 +60,12 @@ def load_llama(
     try:
         with console.status(f"loading {model}"):
             return Llama.load(
-                model, dtype=dtype, quantize=quantize, max_seq_len=max_seq_len, compile=compile
+                model,
+                dtype=dtype,
+                quantize=quantize,
+                max_seq_len=max_seq_len,
+                compile=compile,
+                adapter=adapter,
             )
     except (CheckpointError, FileNotFoundError, ValueError, NotImplementedError) as e:
         fail(str(e))
@@ -73,9 +87,10 @@ def generate(
     quantize: Quantize = None,
     max_seq_len: MaxSeqLen = None,
     compile: Compile = False,
+    adapter: Adapter = None,
 ) -> None:
     """Continue a prompt (no chat format) and stream the continuation."""
-    llama = load_llama(model, dtype, quantize, max_seq_len, compile)
+    llama = load_llama(model, dtype, quantize, max_seq_len, compile, adapter)
     sampling = _sampling(temperature, top_p, top_k, seed)
     try:
         for delta in llama.stream(prompt, max_new_tokens=max_new_tokens, **sampling):
@@ -101,12 +116,13 @@ def chat(
     quantize: Quantize = None,
     max_seq_len: MaxSeqLen = None,
     compile: Compile = False,
+    adapter: Adapter = None,
 ) -> None:
     """Chat with a model: replies stream as they are generated. /reset starts over, /exit quits.
 
     History is kept within the context window: when full, the oldest turns go, with a notice.
     """
-    llama = load_llama(model, dtype, quantize, max_seq_len, compile)
+    llama = load_llama(model, dtype, quantize, max_seq_len, compile, adapter)
     session = ChatSession(llama, system, max_new_tokens, _sampling(temperature, top_p, top_k, seed))
     if message is not None:
         session.reply(message)

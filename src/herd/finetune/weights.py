@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from herd.adapters.lora import apply_lora, load_lora_state_dict, merge_lora
+from herd.adapters.lora import fold_adapter
 from herd.checkpoint import load_model
 from herd.checkpoint.peft import read_peft_adapter
 from herd.model import Transformer
@@ -18,10 +18,7 @@ from herd.model import Transformer
 def merge_adapter(base: str | Path, adapter: str | Path) -> Transformer:
     """The base checkpoint with a PEFT-format LoRA adapter folded into its weights (float32)."""
     model = load_model(base, dtype=torch.float32)
-    lora, weights = read_peft_adapter(adapter, model.config)
-    apply_lora(model, lora)
-    load_lora_state_dict(model, weights)
-    return merge_lora(model)
+    return fold_adapter(model, *read_peft_adapter(adapter, model.config))
 
 
 def average_models(

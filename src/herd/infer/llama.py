@@ -52,18 +52,25 @@ class Llama:
         max_seq_len: int | None = None,
         device: str | torch.device = "cpu",
         compile: bool = False,
+        adapter: str | Path | None = None,
     ) -> Llama:
         """Load a checkpoint (HF dir, Meta dir, .gguf, or "smollm2") and its tokenizer.
 
         quantize: None, or "int8" / "int4" / "fp8" weight-only quantization (herd.quantize).
         compile: see the class docstring.
+        adapter: a PEFT-format LoRA adapter directory, folded into the weights before any
+            quantization.
         """
+        from herd.adapters import fold_adapter
         from herd.checkpoint import load_model
+        from herd.checkpoint.peft import read_peft_adapter
         from herd.tokenizer import load_tokenizer
 
         if quantize is not None:
             _check_quantize(quantize)  # before the slow load
         model = load_model(path, dtype=dtype, device=device)
+        if adapter is not None:
+            fold_adapter(model, *read_peft_adapter(adapter, model.config))
         if quantize is not None:
             model = _quantize(model, quantize)
         return cls(model, load_tokenizer(path), max_seq_len, compile)
