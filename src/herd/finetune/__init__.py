@@ -1,4 +1,5 @@
-"""Fine-tuning: weight-space operations on whole checkpoints (adapters folded in, model soups)."""
+"""Fine-tuning: SFT data and loss masks, and weight-space operations on whole checkpoints
+(adapters folded in, model soups)."""
 
 from herd.finetune.weights import average_models, merge_adapter
 
