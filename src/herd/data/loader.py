@@ -32,7 +32,37 @@ class Batch:
     positions: torch.Tensor  # (batch, seq_len) int64 position within the document
 
 
-class PackedLoader:
+class EpochLoader:
+    """Seeded batches by (epoch, step): iterating walks the epochs, and the position saved by
+    `state_dict()` resumes exactly. Subclasses set seed, batches_per_epoch, epoch and step, and
+    compute `batch(epoch, step)`."""
+
+    seed: int
+    batches_per_epoch: int
+    epoch: int
+    step: int
+
+    def batch(self, epoch: int, step: int) -> Batch:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"the saved loader used seed {state['seed']}, this one {self.seed}")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            if self.step >= self.batches_per_epoch:
+                self.epoch, self.step = self.epoch + 1, 0
+            batch = self.batch(self.epoch, self.step)
+            self.step += 1
+            yield batch
+
+
+class PackedLoader(EpochLoader):
     def __init__(
         self,
         shards: str | Path | list[Shard],
@@ -66,22 +96,6 @@ class PackedLoader:
             )
         self.epoch, self.step = 0, 0
         self._order_epoch: int | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"the saved loader used seed {state['seed']}, this one {self.seed}")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            if self.step >= self.batches_per_epoch:
-                self.epoch, self.step = self.epoch + 1, 0
-            batch = self.batch(self.epoch, self.step)
-            self.step += 1
-            yield batch
 
     def batch(self, epoch: int, step: int) -> Batch:
         """This rank's batch `step` of `epoch`, computed directly (no state)."""

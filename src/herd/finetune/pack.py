@@ -10,14 +10,13 @@ padding: its own document, targets -100. A dialog longer than a row is cut to th
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from herd.data.loader import Batch
+from herd.data.loader import Batch, EpochLoader
 from herd.tokenizer.chat import EncodedDialog
 
 IGNORE = -100
@@ -95,7 +94,7 @@ def pack_dialogs(
     return out
 
 
-class SFTLoader:
+class SFTLoader(EpochLoader):
     """Batches of packed rows: shuffled per epoch (seeded), row k of an epoch to data-parallel
     rank k % world_size, resumable from `state_dict()` like herd.data.PackedLoader."""
 
@@ -114,22 +113,6 @@ class SFTLoader:
                 "use a smaller batch or more dialogs"
             )
         self.epoch, self.step = 0, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"the saved loader used seed {state['seed']}, this one {self.seed}")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            if self.step >= self.batches_per_epoch:
-                self.epoch, self.step = self.epoch + 1, 0
-            batch = self.batch(self.epoch, self.step)
-            self.step += 1
-            yield batch
 
     def batch(self, epoch: int, step: int) -> Batch:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows.tokens))
