@@ -18,8 +18,8 @@ def smollm2():
 def loaded(monkeypatch, smollm2):
     """`Llama.load` returns the preloaded model, with the window the command asked for."""
 
-    def load(path, dtype=None, quantize=None, max_seq_len=None, compile=False):
-        assert path == "smollm2"
+    def load(path, dtype=None, quantize=None, max_seq_len=None, compile=False, adapter=None):
+        assert path == "smollm2" and adapter is None
         calls.append({"compile": compile})
         # Compiling SmolLM2 takes a minute; tests/infer/test_compile.py covers that path.
         return Llama(smollm2.model, smollm2.tokenizer, max_seq_len)
