@@ -34,7 +34,7 @@ class LoRALinear(nn.Module):
         return self.base(x) + update * self.scaling
 
     def delta(self) -> torch.Tensor:
-        """The update B A x scale, as a weight (out_features, in_features)."""
+        """The update (alpha / r) B A as a weight (out_features, in_features), in float32."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
 
