@@ -208,7 +208,9 @@ class Trainer:
         if self.mesh is not None:
             self._parallelize()
         o = config.optim
-        self.optimizer = build_optimizer(self.model, o.lr, o.betas, o.weight_decay, o.eps)
+        self.optimizer = build_optimizer(
+            self.model, o.lr, o.betas, o.weight_decay, o.eps, fused=self.mesh is None
+        )
         self.attention = choose_attention(
             run.attention, run.compile, self.device, context_parallel=self.dims.cp > 1
         )
