@@ -52,7 +52,8 @@ def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _heads_for(meta_name: str, config: ModelConfig) -> int | None:
+def permuted_heads(meta_name: str, config: ModelConfig) -> int | None:
+    """The head count whose rows `meta_name` permutes between layouts (wq, wk), else None."""
     if meta_name.endswith("attention.wq.weight"):
         return config.n_heads
     if meta_name.endswith("attention.wk.weight"):
@@ -252,7 +253,7 @@ class HFReader:
 
     def read(self, name: str) -> torch.Tensor:
         tensor = self._read_raw(self._hf_of[name])
-        heads = _heads_for(name, self.config)
+        heads = permuted_heads(name, self.config)
         if heads is not None and tensor.dim() == 2 and tensor.shape[0] % (2 * heads) == 0:
             tensor = hf_to_meta_rows(tensor, heads)
         return tensor
@@ -274,7 +275,7 @@ def save_hf(
     dtype = state["tok_embeddings.weight"].dtype
     tensors: dict[str, torch.Tensor] = {}
     for name in progress(state):
-        heads = _heads_for(name, config)
+        heads = permuted_heads(name, config)
         tensor = state[name]
         if heads is not None:
             tensor = meta_to_hf_rows(tensor, heads)

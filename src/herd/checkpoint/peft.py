@@ -16,25 +16,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from herd.checkpoint.base import CheckpointError
-from herd.checkpoint.hf import NAMES, hf_to_meta_rows, meta_to_hf_rows
+from herd.checkpoint.hf import NAMES, hf_to_meta_rows, meta_to_hf_rows, permuted_heads
 from herd.config import ModelConfig
 from herd.config.adapter import LoraConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-
-# Meta layer name -> HF module name (PEFT's target_modules are the last part).
-_HF_MODULE = {
-    "wq": "q_proj",
-    "wk": "k_proj",
-    "wv": "v_proj",
-    "wo": "o_proj",
-    "w1": "gate_proj",
-    "w3": "up_proj",
-    "w2": "down_proj",
-    "output": "lm_head",
-}
 
 Adapter = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -44,11 +32,6 @@ def _hf_module(meta_layer: str) -> str:
     if hf is None:
         raise ValueError(f"{meta_layer}: not a layer LoRA can adapt")
     return hf.removesuffix(".weight")
-
-
-def _row_heads(meta_layer: str, config: ModelConfig) -> int | None:
-    kind = meta_layer.rpartition(".")[2]
-    return {"wq": config.n_heads, "wk": config.n_kv_heads}.get(kind)
 
 
 def save_peft_adapter(
@@ -63,7 +46,7 @@ def save_peft_adapter(
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for layer, (a, b) in adapter.items():
-        heads = _row_heads(layer, config)
+        heads = permuted_heads(f"{layer}.weight", config)
         if heads is not None:
             b = meta_to_hf_rows(b, heads)
         key = PREFIX + _hf_module(layer)
@@ -77,7 +60,8 @@ def save_peft_adapter(
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
-        "target_modules": sorted(_HF_MODULE[t] for t in lora.targets),
+        # PEFT names a target by the last part of its module name
+        "target_modules": sorted({_hf_module(layer).rpartition(".")[2] for layer in adapter}),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -132,7 +116,7 @@ def read_peft_adapter(path: str | Path, config: ModelConfig) -> tuple[LoraConfig
     for layer, (a, b) in adapter.items():
         if a is None or b is None:
             raise CheckpointError(f"{weights_file}: {layer} has only one of lora_A / lora_B")
-        heads = _row_heads(layer, config)
+        heads = permuted_heads(f"{layer}.weight", config)
         result[layer] = (a, hf_to_meta_rows(b, heads) if heads is not None else b)
     targets = sorted({layer.rpartition(".")[2] for layer in result})
     rank = raw.get("r", 8)
