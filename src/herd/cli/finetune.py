@@ -1,4 +1,4 @@
-"""`herd merge` and `herd average`: whole-checkpoint weight operations."""
+"""`herd finetune`, and the whole-checkpoint weight operations `herd merge` and `herd average`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from herd.cli.common import console, fail
+from herd.cli.train import Overrides, Resume, train
 
 # The output options both commands share.
 To = Annotated[str, typer.Option("--to", help="hf, meta or gguf.")]
@@ -34,6 +35,92 @@ def _save(model, out: Path, to: str, dtype: str | None, tokenizer_from: str) -> 
     written = save_model(model, out, format=to, dtype=dtype, tokenizer=tokenizer)
     where = "" if tokenizer else " (no tokenizer found beside the source)"
     console.print(f"wrote {len(written)} files to {out} as {to}{where}")
+
+
+def finetune(
+    recipe: Annotated[
+        Path, typer.Argument(help="Fine-tuning recipe (TOML), e.g. recipes/sft-smollm2.toml.")
+    ],
+    set_: Overrides = None,
+    resume: Resume = False,
+) -> None:
+    """Fine-tune a checkpoint on dialogs: full, LoRA or QLoRA (NF4 base).
+
+    The recipe names the base checkpoint (HF, Meta, GGUF or 'smollm2'), the dialog files (chat
+    JSONL in OpenAI's messages format, prompt/completion JSONL, ShareGPT JSON, plain text),
+    what the loss trains on, and the \\[batch], \\[optim] and \\[run] keys of `herd pretrain`.
+    Dialogs are packed into rows with attention kept inside each. Metrics and checkpoints land in
+    RUN as for pretraining, and --resume continues a stopped or killed run exactly. A LoRA run
+    also writes its adapter in PEFT's format to RUN/adapter, for `herd chat --adapter`,
+    `herd merge`, PEFT or vLLM; `herd export RUN OUT` writes the model with it folded in.
+    """
+    import logging
+
+    from rich.table import Table
+
+    from herd.config.finetune import finetune_from_dict
+    from herd.config.train import ConfigError, load_config
+    from herd.finetune.data import DataError
+    from herd.finetune.tasks import read_items
+    from herd.finetune.trainer import FineTuner
+    from herd.train.checkpoint import CheckpointCorrupt
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config = load_config(recipe, set_ or [], build=finetune_from_dict)
+        trainer = FineTuner(config, resume=resume)
+        items = read_items(config.finetune.exact_match) if config.finetune.exact_match else None
+    except (ConfigError, DataError, FileNotFoundError, CheckpointCorrupt, ValueError) as e:
+        fail(str(e))
+    f = config.finetune
+    trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    console.print(
+        f"fine-tuning {f.base} ({f.method}): {trained / 1e6:.2f}M of "
+        f"{trainer.model_config.num_params() / 1e6:.1f}M parameters train, on {f.train_on} tokens"
+    )
+    for what, stats in trainer.pack_stats.items():
+        console.print(
+            f"{what}: {stats.dialogs} dialogs in {stats.rows} rows of {config.batch.seq_len}, "
+            f"{stats.trained_tokens:,} trained tokens, "
+            f"{stats.truncated} truncated, {stats.dropped} dropped"
+        )
+    if items:
+        with console.status(f"exact match on {len(items)} held-out questions"):
+            before = (trainer.step, trainer.exact_match(items))
+    train(trainer, "finetune")
+    if items:
+        with console.status(f"exact match on {len(items)} held-out questions"):
+            after = (trainer.step, trainer.exact_match(items))
+        table = Table(title=f"exact match, {len(items)} held-out questions ({f.exact_match})")
+        table.add_column("model")
+        table.add_column("step", justify="right")
+        table.add_column("exact match", justify="right")
+        for name, (step, score) in (("before", before), (f"after ({f.method})", after)):
+            table.add_row(name, str(step), f"{100 * score:.1f}%")
+        console.print(table)
+    if f.method != "full":
+        console.print(f"adapter (PEFT format): {trainer.run_dir / 'adapter'}")
+
+
+def synth_task(
+    out: Annotated[Path, typer.Argument(help="Directory for train.jsonl and test.jsonl.")],
+    train_items: Annotated[int, typer.Option("--train", help="Training dialogs.")] = 560,
+    test_items: Annotated[int, typer.Option("--test", help="Held-out questions.")] = 40,
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+) -> None:
+    """Write a synthetic, exactly checkable SFT task: unit conversions ("Convert 45 km to m."
+    -> "45000 m") as chat JSONL, training and held-out questions disjoint. Score a model on
+    test.jsonl with a recipe's finetune.exact_match."""
+    from herd.finetune.tasks import unit_conversions, write_dialogs
+
+    items = unit_conversions(train_items + test_items, seed)
+    write_dialogs(items[:train_items], out / "train.jsonl")
+    write_dialogs(items[train_items:], out / "test.jsonl")
+    console.print(
+        f"unit conversions: {train_items} training dialogs in {out / 'train.jsonl'}, "
+        f"{test_items} held-out in {out / 'test.jsonl'}; e.g. "
+        f"{items[0].prompt[0]['content']!r} -> {items[0].answer!r}"
+    )
 
 
 def merge(

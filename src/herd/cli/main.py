@@ -36,7 +36,9 @@ app.command()(serve_cli.serve)
 app.command()(data_cli.tokenize)
 app.command()(train_cli.pretrain)
 app.command()(train_cli.export)
+app.command()(finetune_cli.finetune)
 app.command()(finetune_cli.merge)
+app.command("synth-task")(finetune_cli.synth_task)
 app.command()(finetune_cli.average)
 
 

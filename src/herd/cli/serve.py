@@ -42,6 +42,14 @@ def serve(
     served_name: Annotated[
         str | None, typer.Option(help="Model name reported by /v1/models. Default: --model.")
     ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            help="Serve a PEFT LoRA adapter as NAME=PATH (repeatable); a request's `model` "
+            "picks it by NAME. All adapters share the base weights.",
+        ),
+    ] = None,
     dtype: Dtype = None,
     quantize: Quantize = None,
     max_seq_len: MaxSeqLen = None,
@@ -58,7 +66,10 @@ def serve(
     from herd.serve.api import ServerConfig, create_app
     from herd.serve.engine import Engine
 
+    if adapter and quantize:
+        fail("--adapter serves adapters over full-precision base weights; drop --quantize")
     llama = load_llama(model, dtype, quantize, max_seq_len, compile=False)
+    names = _attach(llama.model, adapter or [])
     try:
         engine = Engine(
             llama.model,
@@ -71,14 +82,42 @@ def serve(
         )
     except ValueError as e:
         fail(str(e))
-    config = ServerConfig(served_name or model, api_key=api_key, max_queue=max_queue)
+    config = ServerConfig(
+        served_name or model, api_key=api_key, max_queue=max_queue, adapters=names
+    )
     app = create_app(llama, engine, config)
     console.print(
         f"[dim]herd serving {config.model_name} on http://{host}:{port}/v1 "
-        f"({engine.total_blocks} KV blocks of {block_size} tokens, batch {max_batch})[/]"
+        f"({engine.total_blocks} KV blocks of {block_size} tokens, batch {max_batch})"
+        f"{'; adapters ' + ', '.join(names) if names else ''}[/]"
     )
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again through
     # the handlers it found on entry; these make that a clean exit 0 instead of death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+
+
+def _attach(model, specs: list[str]) -> dict[str, int]:
+    """Attach the NAME=PATH adapters to the model; returns their indices by name."""
+    from herd.adapters import attach_adapters
+    from herd.checkpoint.base import CheckpointError
+    from herd.checkpoint.peft import read_peft_adapter
+
+    names, adapters = {}, []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            fail(f"--adapter {spec!r}: expected NAME=PATH")
+        if name in names:
+            fail(f"--adapter {name!r} is given twice")
+        try:
+            adapters.append(read_peft_adapter(path, model.config))
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
+            fail(f"--adapter {name}: {e}")
+        names[name] = len(names)
+    try:
+        attach_adapters(model, adapters)
+    except ValueError as e:
+        fail(str(e))
+    return names

@@ -11,23 +11,27 @@ import typer
 
 from herd.cli.common import console, fail
 
+# The recipe options `herd pretrain` and `herd finetune` share.
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override a recipe key: section.key=value (repeatable), "
+        "e.g. --set optim.steps=100 --set run.dir=runs/try",
+    ),
+]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        "--resume", help="Continue from the newest complete checkpoint in run.dir (if any)."
+    ),
+]
+
 
 def pretrain(
     recipe: Annotated[Path, typer.Argument(help="Training recipe (TOML), e.g. recipes/tiny.toml.")],
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            help="Override a recipe key: section.key=value (repeatable), "
-            "e.g. --set optim.steps=100 --set run.dir=runs/try",
-        ),
-    ] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume", help="Continue from the newest complete checkpoint in run.dir (if any)."
-        ),
-    ] = False,
+    set_: Overrides = None,
+    resume: Resume = False,
     resume_from: Annotated[
         Path | None, typer.Option(help="Continue from this checkpoint directory.")
     ] = None,
@@ -44,11 +48,9 @@ def pretrain(
     parallel.pp=2`. With torchrun --max-restarts N and --resume, a job that lost a rank
     restarts from its last checkpoint. See docs/scaling.md.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from herd.config.train import ConfigError, load_config
     from herd.train.checkpoint import CheckpointCorrupt
-    from herd.train.trainer import Trainer, TrainingDiverged
+    from herd.train.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -56,6 +58,17 @@ def pretrain(
         trainer = Trainer(config, resume=resume_from or resume)
     except (ConfigError, FileNotFoundError, CheckpointCorrupt, ValueError) as e:
         fail(str(e))
+    train(trainer, "pretrain")
+
+
+def train(trainer, name: str) -> None:
+    """Run a built Trainer to its last step with a progress bar and a line every log_every
+    steps (the other ranks of a torchrun job train quietly)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from herd.train.trainer import TrainingDiverged
+
+    config = trainer.config
     if not trainer.is_main:  # the other ranks of a torchrun job train quietly
         try:
             trainer.fit()
@@ -86,7 +99,7 @@ def pretrain(
         "{task.fields[stats]}",
         console=console,
     ) as bar:
-        task = bar.add_task("pretrain", total=config.optim.steps, completed=trainer.step, stats="")
+        task = bar.add_task(name, total=config.optim.steps, completed=trainer.step, stats="")
 
         def on_step(step: int, r: dict) -> None:
             stats = (
@@ -146,6 +159,7 @@ def export(
     """Write a trained model with its tokenizer as Hugging Face, Meta or GGUF, for
     transformers, llama.cpp, vLLM or `herd generate`."""
     from herd.checkpoint import FORMATS, save_model
+    from herd.finetune.trainer import is_finetune_run, load_finetuned
     from herd.train.checkpoint import CheckpointCorrupt, load_run_model
 
     if to not in FORMATS:
@@ -155,7 +169,10 @@ def export(
             fail(f"{out} already exists; pass --force to replace it")
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     try:
-        model, source = load_run_model(run_dir, step)
+        if is_finetune_run(run_dir):  # an adapter run: its base with the adapter folded in
+            model, source = load_finetuned(run_dir, step)
+        else:
+            model, source = load_run_model(run_dir, step)
         written = save_model(model, out, format=to, dtype=dtype, tokenizer=run_dir / "tokenizer")
     except (FileNotFoundError, CheckpointCorrupt, ValueError) as e:
         fail(str(e))

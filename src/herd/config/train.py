@@ -9,7 +9,8 @@ Sections (every key has a default except where noted; see recipes/ for complete 
     [batch]     seq_len, batch_size (sequences per optimizer step), micro_batch_size (sequences
                 per forward/backward; batch_size must be a multiple), and [[batch.stages]]
                 (after_tokens, batch_size, optional seq_len): the paper's batch-size ramp.
-    [optim]     lr, min_lr, warmup_steps, steps, betas, eps, weight_decay, grad_clip.
+    [optim]     lr, min_lr, warmup_steps, steps, betas, eps, weight_decay, grad_clip,
+                schedule (cosine | constant).
     [run]       dir, seed, precision, compile, activation_checkpointing, attention, ...
     [parallel]  tp, cp, pp, dp_shard, dp_replicate: the layout over the torchrun processes;
                 order, pp_schedule, pp_stages_per_rank, fsdp_param_dtype, cpu_offload.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    schedule: str = "cosine"  # cosine (to min_lr at `steps`) | constant (after warmup)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -216,7 +219,11 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     return config
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+def load_config(
+    path: str | Path, overrides: list[str] = (), build: Callable[[dict], Any] | None = None
+) -> TrainConfig:
+    """The recipe at `path` with `overrides` applied, built by `build` (default: a pretraining
+    recipe; herd.config.finetune passes its own)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such recipe file")
@@ -224,7 +231,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return from_dict(apply_overrides(raw, list(overrides)))
+    return (build or from_dict)(apply_overrides(raw, list(overrides)))
 
 
 def validate(config: TrainConfig) -> None:
@@ -257,6 +264,8 @@ def validate(config: TrainConfig) -> None:
         )
     if o.grad_clip <= 0:
         raise ConfigError(f"[optim] grad_clip must be positive, got {o.grad_clip}")
+    if o.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"[optim] schedule = {o.schedule!r}; choose cosine or constant")
     choices = {
         "precision": ("auto", "fp32", "bf16"),
         "attention": ("auto", "flex", "sdpa"),

@@ -5,10 +5,14 @@ token ids and a loss mask of the tokens to train on."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from herd.config.embedded import EMBEDDED, embedded_path
 from herd.tokenizer.chat import ROLES, EncodedDialog
 
 Dialog = list[dict[str, Any]]
@@ -102,3 +106,75 @@ def encode_for_training(
             start -= 1
         mask = [start <= i < end for i in range(len(mask))]
     return EncodedDialog(list(encoded.ids), mask)
+
+
+# A training example: a dialog, or a plain-text document (trained on whole).
+Example = Dialog | str
+
+
+def text_documents(path: str | Path) -> list[str]:
+    """Plain-text documents: the file's paragraphs, split at blank lines."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+
+
+def read_source(path: str | Path, format: str) -> list[Example]:
+    """Every example of one source file (or embedded data set, "sharegpt"); `format` is chat,
+    sharegpt or text."""
+    readers = {"chat": read_chat_jsonl, "sharegpt": sharegpt_dialogs, "text": text_documents}
+    if not Path(path).exists() and str(path) in EMBEDDED:
+        path = embedded_path(str(path))
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    examples = list(readers[format](path))
+    if not examples:
+        raise DataError(f"{path}: no {format} examples in the file")
+    return examples
+
+
+def take(examples: Sequence[Example], passes: float, rng: np.random.Generator) -> list[Example]:
+    """`passes` epochs of a source: whole copies, then a seeded sample for the fraction."""
+    whole, part = int(passes), round((passes - int(passes)) * len(examples))
+    picked = list(examples) * whole
+    return picked + [examples[i] for i in sorted(rng.permutation(len(examples))[:part])]
+
+
+def mix(sources: Sequence[tuple[Sequence[Example], float | None, float | None]], seed: int):
+    """The training mix of (examples, epochs, weight) sources, shuffled. A source with epochs
+    gives that many passes; those with weights share, in proportion, as many examples as they
+    hold together (the paper up- and down-samples sources this way); others give one pass."""
+    rng = np.random.default_rng(seed)
+    weighted = [(len(x), w) for x, _, w in sources if w is not None]
+    pool = sum(n for n, _ in weighted)
+    total_weight = sum(w for _, w in weighted)
+    mixed: list[Example] = []
+    for examples, epochs, weight in sources:
+        passes = epochs if epochs is not None else 1.0
+        if weight is not None:
+            passes = weight / total_weight * pool / len(examples)
+        mixed += take(examples, passes, rng)
+    return [mixed[i] for i in rng.permutation(len(mixed))]
+
+
+def hold_out(
+    examples: Sequence[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(kept, held out): a seeded `fraction` of the examples, at least one, set aside."""
+    if not fraction:
+        return list(examples), []
+    order = np.random.default_rng([seed, len(examples)]).permutation(len(examples))
+    n = max(1, round(fraction * len(examples)))
+    if n >= len(examples):
+        raise DataError(f"holding out {n} of {len(examples)} examples leaves none to train on")
+    held = set(order[:n].tolist())
+    return [x for i, x in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def encode_example(chat_format: Any, example: Example, train_on: str) -> EncodedDialog:
+    """A dialog through `encode_for_training`; a text document framed by begin-of-text (where
+    the vocabulary has one) and end-of-text, every id trained."""
+    if isinstance(example, str):
+        tokenizer = chat_format.tokenizer
+        ids = tokenizer.encode(example, bos=tokenizer.bos_id is not None, eos=True)
+        return EncodedDialog(ids, [True] * len(ids))
+    return encode_for_training(chat_format, example, train_on)

@@ -18,13 +18,14 @@ import torch
 
 from herd.data.loader import Batch, EpochLoader
 from herd.tokenizer.chat import EncodedDialog
+from herd.train.trainer import IGNORE
 
-IGNORE = -100
 OVERFLOW = ("truncate", "drop")
 
 
 @dataclass
 class PackStats:
+    rows: int = 0
     dialogs: int = 0  # dialogs placed in rows
     truncated: int = 0
     dropped: int = 0
@@ -72,6 +73,7 @@ def pack_dialogs(
         free[row] -= need
         stats.dialogs += 1
         stats.trained_tokens += int((pairs[1] != IGNORE).sum())
+    stats.rows = len(rows)
     shape = (len(rows), seq_len)
     out = PackedRows(
         np.full(shape, pad_id, np.int64),

@@ -14,7 +14,7 @@ keep their contents and name until the free list needs them, oldest first.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -26,7 +26,7 @@ class OutOfBlocks(RuntimeError):
     """No free block is left; the scheduler preempts a sequence and tries again."""
 
 
-def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
+def block_hash(parent: Hashable, tokens: Sequence[int]) -> int:
     return hash((parent, tuple(tokens)))
 
 
@@ -58,11 +58,14 @@ class BlockManager:
         self.refs[block] = 1
         return block
 
-    def cached_prefix(self, tokens: Sequence[int]) -> tuple[list[int], list[int]]:
+    def cached_prefix(
+        self, tokens: Sequence[int], root: Hashable = None
+    ) -> tuple[list[int], list[int]]:
         """Blocks already holding the leading full blocks of `tokens`, claimed for the caller,
         and their names. Stops at the first miss. The last token is never covered: its logits
-        are needed, so at least one token is always computed."""
-        blocks, names, parent = [], [], None
+        are needed, so at least one token is always computed. `root` starts the chain of names:
+        keys and values computed under different weights (adapters) never match."""
+        blocks, names, parent = [], [], root
         size = self.block_size
         for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % size, size):
             name = block_hash(parent, tokens[start : start + size])

@@ -173,6 +173,7 @@ class Transformer(nn.Module):
         mask: AttentionMask = None,
         cache: KVCacheLike | None = None,
         last_only: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens: (batch, seq) ids (hidden states, (batch, seq, dim), for a pipeline stage
         without tok_embeddings). positions: (seq,) or (batch, seq) RoPE positions, default
@@ -183,9 +184,13 @@ class Transformer(nn.Module):
         attention over everything cached. The cache is advanced past the tokens.
 
         last_only: return the logits of the last position only, (batch, 1, vocab): a prefill
-        needs no more, and a long prompt's full logits can outweigh the model."""
+        needs no more, and a long prompt's full logits can outweigh the model.
+
+        keep: a boolean (batch, seq) mask of the positions whose logits are wanted, returned as
+        (n kept, vocab): fine-tuning's loss needs only the trained tokens', and the output layer
+        over a 128K vocabulary is a large share of a step."""
         if cache is None:
-            return self._forward(tokens, positions, mask, last_only)
+            return self._forward(tokens, positions, mask, last_only, keep)
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
         seqlen, start = tokens.shape[1], cache.length
@@ -206,6 +211,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None,
         mask: AttentionMask,
         last_only: bool,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.tok_embeddings is None:  # a pipeline stage after the first: hidden states in
             h = tokens
@@ -223,7 +229,7 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, mask)
         if self.norm is None:  # a pipeline stage before the last: hidden states out
             return h
-        return self._logits(h, last_only)
+        return self._logits(h if keep is None else h[keep], last_only)
 
     def _logits(self, h: torch.Tensor, last_only: bool) -> torch.Tensor:
         if last_only:

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -193,6 +193,17 @@ class ServerConfig:
     model_name: str
     api_key: str | None = None
     max_queue: int = 64
+    # LoRA adapters attached to the engine's model: a request's `model` picks one by name
+    adapters: dict[str, int] = field(default_factory=dict)
+
+    def adapter_for(self, model: str | None) -> int | None:
+        """The adapter a request's `model` names; the base model for its own name or none."""
+        if model is None or model == self.model_name:
+            return None
+        if model in self.adapters:
+            return self.adapters[model]
+        served = ", ".join([self.model_name, *self.adapters])
+        raise ApiError(404, f"model {model!r} is not served here; models: {served}", "model")
 
 
 def create_app(llama: Llama, engine: eng.Engine, config: ServerConfig) -> FastAPI:
@@ -229,8 +240,13 @@ def create_app(llama: Llama, engine: eng.Engine, config: ServerConfig) -> FastAP
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         server.authorize(request)
-        card = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "herd"}
-        return JSONResponse({"object": "list", "data": [card]})
+        cards = [{"id": config.model_name, "object": "model", "created": 0, "owned_by": "herd"}]
+        cards += [
+            {"id": name, "object": "model", "created": 0, "owned_by": "herd",
+             "parent": config.model_name}
+            for name in config.adapters
+        ]  # fmt: skip
+        return JSONResponse({"object": "list", "data": cards})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -315,7 +331,7 @@ class _Server:
             for i, ids in enumerate(prompts)
         ]
         common = {"id": rid, "object": "text_completion", "created": created}
-        common["model"] = self.config.model_name
+        common["model"] = body.model or self.config.model_name
 
         def choice_index(job: int, index: int) -> int:
             return job * body.n + index
@@ -367,7 +383,7 @@ class _Server:
         created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         job = self._request(rid, ids, limit, body, body.logprobs, body.top_logprobs)
         common = {"id": rid, "object": "chat.completion", "created": created}
-        common["model"] = self.config.model_name
+        common["model"] = body.model or self.config.model_name
 
         if body.stream:
             common["object"] = "chat.completion.chunk"
@@ -478,11 +494,13 @@ class _Server:
         logprobs: bool,
         top_logprobs: int = 0,
     ) -> _Job:
+        adapter = self.config.adapter_for(body.model)
         try:
             params = body.sampling()
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         request = eng.Request(
+            adapter=adapter,
             id=rid,
             prompt=ids,
             max_tokens=max_tokens,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from herd.adapters.lora import MultiLoRALinear, select_adapters
 from herd.infer.paged import OutOfBlocks, PagedKVCache, block_hash
 from herd.infer.sampling import SamplingParams, sample, token_logprobs
 from herd.infer.text import GeneratedText
@@ -59,6 +60,7 @@ class Request:
     stop_ids: frozenset[int] | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    adapter: int | None = None  # an adapter attached to the engine's model (None: the base)
     on_event: Callable[[Event], None] = lambda event: None
     arrival: float = field(default_factory=time.monotonic)
 
@@ -115,6 +117,8 @@ class Engine:
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        # adapters attached to the model (herd.adapters.attach_adapters), by request index
+        self.adapters = any(isinstance(m, MultiLoRALinear) for m in model.modules())
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.max_seq_len = max_seq_len or model.config.max_seq_len
@@ -250,7 +254,7 @@ class Engine:
         blocks = self.cache.blocks
         while self._waiting and len(self._running) < self.max_batch:
             seq = self._waiting[0]
-            seq.table, seq.names = blocks.cached_prefix(seq.tokens)
+            seq.table, seq.names = blocks.cached_prefix(seq.tokens, _cache_root(seq))
             seq.computed = len(seq.table) * blocks.block_size
             # Room for its first chunk, and a block each for the running ones to grow into.
             first = min(seq.pending, self.prefill_chunk)
@@ -284,6 +288,8 @@ class Engine:
         view = self.cache.view(tables, starts, new)
         tokens = torch.tensor([s.tokens[s.computed : s.computed + new] for s in seqs])
         device = self.model.tok_embeddings.weight.device
+        if self.adapters:
+            select_adapters(self.model, [s.request.adapter for s in seqs])
         logits = self.model(
             tokens.to(device), view.positions, view.mask(), cache=view, last_only=True
         )
@@ -329,7 +335,7 @@ class Engine:
         size = self.cache.blocks.block_size
         while len(seq.names) < seq.computed // size:
             i = len(seq.names)
-            parent = seq.names[-1] if seq.names else None
+            parent = seq.names[-1] if seq.names else _cache_root(seq)
             name = block_hash(parent, seq.tokens[i * size : (i + 1) * size])
             self.cache.blocks.name(seq.table[i], name)
             seq.names.append(name)
@@ -374,6 +380,11 @@ class Engine:
             seq.seen[0, seq.request.prompt] = True
             seq.counts = torch.zeros(1, vocab, dtype=torch.long)
         return seq.seen, seq.counts
+
+
+def _cache_root(seq: _Sequence) -> tuple[str, int] | None:
+    """Where a sequence's chain of prefix-block names starts: one chain per adapter."""
+    return None if seq.request.adapter is None else ("adapter", seq.request.adapter)
 
 
 def run_to_completion(engine: Engine, requests: Sequence[Request]) -> dict[str, list[list[Event]]]:

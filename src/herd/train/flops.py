@@ -44,7 +44,8 @@ def measured_matmul_tflops(dtype: torch.dtype = torch.float32, n: int = 1024) ->
     """What this host's matmul reaches (the CPU has no published peak to divide by)."""
     import time
 
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # the training RNG (dropout) stays untouched
+    a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
     a @ b  # warm-up
     best = float("inf")
     for _ in range(5):

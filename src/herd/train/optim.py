@@ -43,11 +43,16 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
-def lr_at(step: int, peak: float, warmup: int, total: int, floor: float) -> float:
+def lr_at(
+    step: int, peak: float, warmup: int, total: int, floor: float, schedule: str = "cosine"
+) -> float:
     """Learning rate at optimizer step `step` (0-based): linear from peak/warmup up to peak over
-    `warmup` steps, then cosine from peak down to `floor` at step `total`, then `floor`."""
+    `warmup` steps, then cosine from peak down to `floor` at step `total`, then `floor`; or,
+    for the "constant" schedule, peak from the end of warmup on."""
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
     if step >= total:
         return floor
     progress = (step - warmup) / max(1, total - warmup)

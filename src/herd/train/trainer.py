@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -37,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from herd.config.train import ConfigError, TrainConfig
 from herd.data import Batch, PackedLoader, load_shards
+from herd.data.loader import EpochLoader
 from herd.model import Transformer
 from herd.model.masks import document_block_mask, document_causal_mask
 from herd.train.checkpoint import CheckpointManager, checkpoint_step, read_checkpoint
@@ -59,6 +61,10 @@ from herd.train.parallel import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# Checkpoints hold what trains: a frozen base (LoRA) is read from its own checkpoint instead.
+TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 class TrainingDiverged(RuntimeError):
@@ -123,9 +129,14 @@ def choose_attention(
     return wanted
 
 
+# Targets of this value are not trained on (masked prompt tokens, padding).
+IGNORE = -100
+
+
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in float32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    """Mean next-token cross-entropy over the targets that are not IGNORE, in float32; logits
+    (..., vocab) and targets (...) of any matching leading shape."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
 
 
 def concat_batches(batches: list[Batch]) -> Batch:
@@ -156,8 +167,6 @@ class Trainer:
     """Build a run from a recipe (or resume one) and train it: `Trainer(config).fit()`."""
 
     def __init__(self, config: TrainConfig, resume: bool | str | Path = False):
-        from herd.tokenizer import load_tokenizer
-
         self.config = config
         run = config.run
         self.run_dir = Path(run.dir)
@@ -186,22 +195,15 @@ class Trainer:
                     f"batch_size {size} is not a multiple of micro_batch_size x data-parallel "
                     f"ranks = {config.batch.micro_batch_size} x {self.dp_size}"
                 )
-        self.tokenizer = load_tokenizer(config.data.tokenizer)
-        self.model_config = config.model_config(vocab_size=self.tokenizer.vocab_size)
-        if self.tokenizer.vocab_size > self.model_config.vocab_size:
-            raise ConfigError(
-                f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size "
-                f"is {self.model_config.vocab_size}"
-            )
+        self.tokenizer = self._load_tokenizer()
+        self.model = self._build_model()
+        self.model_config = self.model.config
         longest = max([config.batch.seq_len] + [s.seq_len or 0 for s in config.batch.stages])
         if longest > self.model_config.max_seq_len:
             raise ConfigError(
                 f"sequences of {longest} tokens exceed the model's max_seq_len "
                 f"{self.model_config.max_seq_len}: raise [model] max_seq_len or shorten [batch]"
             )
-        with torch.device(self.device):
-            self.model = Transformer(self.model_config)
-        self.model.init_weights(seed=run.seed)  # the same weights on every rank, then split
         if run.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.pipeline: Pipeline | None = None
@@ -221,9 +223,8 @@ class Trainer:
             for block in self.model.layers.values():
                 block.compile()
 
-        self.train_shards = load_shards(config.data.train)
-        self.valid_shards = load_shards(config.data.valid) if config.data.valid else None
-        self._valid_loader: PackedLoader | None = None
+        self._load_data()
+        self._valid_loader: EpochLoader | None = None
         self.step, self.tokens, self.skipped, self.bad_in_row = 0, 0, 0, 0
         self.loader = self._loader_for(self.stage()[2])
         self._batches: Iterator[Batch] = iter(self.loader)
@@ -238,6 +239,35 @@ class Trainer:
             self.metrics = MetricsWriter(self.run_dir, resume_step=self.step if resumed else None)
         peak = run.peak_tflops or device_peak_tflops(self.device)
         self.peak_tflops = peak or measured_matmul_tflops(self.amp_dtype or torch.float32)
+
+    # -- what a run is built from (herd.finetune's FineTuner builds them otherwise) ------------
+
+    def _load_tokenizer(self):
+        from herd.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.config.data.tokenizer)
+
+    def _build_model(self) -> Transformer:
+        """A new model of the recipe's shape at its seeded initialisation (the same weights on
+        every rank, split afterwards)."""
+        model_config = self.config.model_config(vocab_size=self.tokenizer.vocab_size)
+        if self.tokenizer.vocab_size > model_config.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size "
+                f"is {model_config.vocab_size}"
+            )
+        with torch.device(self.device):
+            model = Transformer(model_config)
+        model.init_weights(seed=self.config.run.seed)
+        return model
+
+    def _flops_per_token(self, seq_len: int) -> float:
+        return flops_per_token(self.model_config, seq_len)
+
+    def _load_data(self) -> None:
+        self.train_shards = load_shards(self.config.data.train)
+        valid = self.config.data.valid
+        self.valid_shards = load_shards(valid) if valid else None
 
     def _parallelize(self) -> None:
         """Context parallelism, then the pipeline split, then TP and FSDP on each stage."""
@@ -265,7 +295,7 @@ class Trainer:
     def stage(self) -> tuple[int, int, int]:
         return self.config.stage_at(self.tokens)
 
-    def _loader_for(self, seq_len: int) -> PackedLoader:
+    def _loader_for(self, seq_len: int) -> EpochLoader:
         return PackedLoader(
             self.train_shards,
             seq_len,
@@ -313,8 +343,13 @@ class Trainer:
     def loss(self, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy of a packed batch, attention kept inside documents."""
         tokens, targets, positions, mask = self._inputs(batch)
+        keep = targets != IGNORE
+        if keep.all():
+            keep = None
+        else:  # logits of the trained tokens only (masked SFT rows)
+            targets = targets[keep]
         with self._autocast():
-            logits = self._forward(tokens, positions, mask)
+            logits = self._forward(tokens, positions, mask, keep=keep)
         return token_cross_entropy(logits, targets)
 
     def _pipeline_loss(self, batches: list[Batch], training: bool) -> torch.Tensor:
@@ -341,6 +376,7 @@ class Trainer:
             self.config.optim.warmup_steps,
             self.config.optim.steps,
             self.config.optim.min_lr,
+            self.config.optim.schedule,
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -350,8 +386,14 @@ class Trainer:
             total = self._pipeline_loss(batches, training=True)
         else:
             total = torch.zeros((), device=self.device)
-            for _ in range(accum):
-                loss = self.loss(next(self._batches)) / accum
+            batches = [next(self._batches) for _ in range(accum)]
+            counted = [int((b.targets != IGNORE).sum()) for b in batches]
+            for batch, n in zip(batches, counted):
+                if n == 0:
+                    continue
+                # each micro-batch weighs by the tokens it trains on: the step's loss is the
+                # mean over all of them (masked SFT rows train on unequal numbers)
+                loss = self.loss(batch) * (n / sum(counted))
                 loss.backward()
                 total += loss.detach()
         pp_mesh = self.mesh["pp"] if self.pipeline is not None else None
@@ -373,18 +415,9 @@ class Trainer:
     def evaluate(self) -> float | None:
         """Mean loss over the first `eval_batches` micro-batches of the validation shards
         (spread over the data-parallel ranks, so every layout sees the same windows)."""
-        if self.valid_shards is None:
+        loader = self._validation_loader()
+        if loader is None:
             return None
-        loader = self._valid_loader
-        if loader is None or loader.seq_len != self.loader.seq_len:  # built once per length
-            loader = self._valid_loader = PackedLoader(
-                self.valid_shards,
-                self.loader.seq_len,
-                self.config.batch.micro_batch_size,
-                seed=0,
-                rank=self.dp_rank,
-                world_size=self.dp_size,
-            )
         n = min(max(1, self.config.run.eval_batches // self.dp_size), loader.batches_per_epoch)
         self.model.eval()
         if self.pipeline is not None:
@@ -393,6 +426,22 @@ class Trainer:
             total = sum(self.loss(loader.batch(0, i)) for i in range(n)) / n
         self.model.train()
         return mean_over_ranks(total, self._loss_holders()).item()
+
+    def _validation_loader(self) -> EpochLoader | None:
+        """The validation batches at the current sequence length (built once per length)."""
+        if self.valid_shards is None:
+            return None
+        loader = self._valid_loader
+        if loader is None or loader.seq_len != self.loader.seq_len:
+            loader = self._valid_loader = PackedLoader(
+                self.valid_shards,
+                self.loader.seq_len,
+                self.config.batch.micro_batch_size,
+                seed=0,
+                rank=self.dp_rank,
+                world_size=self.dp_size,
+            )
+        return loader
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -413,8 +462,8 @@ class Trainer:
         if self.device.type == "cuda":
             train["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return {
-            "model": get_model_state_dict(self.model),
-            "optim": get_optimizer_state_dict(self.model, self.optimizer)["state"],
+            "model": get_model_state_dict(self.model, options=TRAINED),
+            "optim": get_optimizer_state_dict(self.model, self.optimizer, options=TRAINED)["state"],
             "train": train,
         }
 
@@ -423,11 +472,16 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = self.state()
-        groups = get_optimizer_state_dict(self.model, self.optimizer)["param_groups"]
+        groups = get_optimizer_state_dict(self.model, self.optimizer, options=TRAINED)[
+            "param_groups"
+        ]
         read_checkpoint(path, state)
-        set_model_state_dict(self.model, state["model"])
+        set_model_state_dict(self.model, state["model"], options=TRAINED)
         set_optimizer_state_dict(
-            self.model, self.optimizer, {"state": state["optim"], "param_groups": groups}
+            self.model,
+            self.optimizer,
+            {"state": state["optim"], "param_groups": groups},
+            options=TRAINED,
         )
         train = state["train"]
         self.step, self.tokens = int(train["step"]), int(train["tokens"])
@@ -497,7 +551,7 @@ class Trainer:
                 result = self.train_step()
                 elapsed = time.perf_counter() - start
                 tokens_per_s = batch_size * seq_len / elapsed
-                flops = flops_per_token(self.model_config, seq_len) * tokens_per_s
+                flops = self._flops_per_token(seq_len) * tokens_per_s
                 record = {
                     "loss": result.loss,
                     "grad_norm": result.grad_norm,

@@ -1,0 +1,187 @@
+"""`herd finetune`: the pretraining Trainer started from a checkpoint and fed dialogs.
+
+Only what differs is here: the model is read from the recipe's base checkpoint (adapted with
+LoRA, or LoRA over an NF4-quantised base, when the recipe says so), the tokenizer is the base's,
+and the batches are packed SFT rows whose targets hold only the tokens the loss mask trains on.
+Steps, schedules, validation, metrics, DCP checkpoints and exact resume are the Trainer's own.
+A LoRA run's checkpoints hold the adapter and its optimizer state only, and the newest adapter
+is also written in PEFT's format to RUN/adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from rich.progress import track
+
+from herd.adapters.lora import apply_lora, lora_state_dict, merge_lora
+from herd.checkpoint import load_model
+from herd.checkpoint.peft import save_peft_adapter
+from herd.config.finetune import FinetuneConfig
+from herd.config.train import ConfigError
+from herd.data.loader import EpochLoader
+from herd.finetune.data import encode_example, hold_out, mix, read_source
+from herd.finetune.pack import PackedRows, SFTLoader, pack_dialogs
+from herd.finetune.tasks import exact_match
+from herd.model import Transformer
+from herd.quantize.nf4 import quantize_frozen_nf4
+from herd.tokenizer import load_tokenizer
+from herd.tokenizer.chat import chat_format
+from herd.train.checkpoint import checkpoint_step, complete_checkpoints, read_checkpoint
+from herd.train.flops import matmul_params
+from herd.train.trainer import TRAINED, Trainer
+
+ADAPTER_DIR = "adapter"
+
+
+class FineTuner(Trainer):
+    config: FinetuneConfig
+
+    def __init__(self, config: FinetuneConfig, resume: bool | str | Path = False):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                "herd finetune runs in one process: launch it without torchrun (sharded "
+                "fine-tuning is not supported yet)"
+            )
+        super().__init__(config, resume)
+
+    def _load_tokenizer(self):
+        return load_tokenizer(self.config.data.tokenizer or self.config.finetune.base)
+
+    def _build_model(self) -> Transformer:
+        f = self.config.finetune
+        model = load_model(f.base, dtype=torch.float32, device=self.device)
+        if self.tokenizer.vocab_size > model.config.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {self.tokenizer.vocab_size} ids but {f.base} embeds only "
+                f"{model.config.vocab_size}: use the base checkpoint's own tokenizer"
+            )
+        if f.method == "full":
+            return model
+        torch.manual_seed(self.config.run.seed)  # the adapters' A matrices
+        try:
+            apply_lora(model, self.config.lora)
+        except ValueError as e:
+            raise ConfigError(f"[lora]: {e}") from None
+        if f.method == "qlora":
+            self.nf4_bytes = quantize_frozen_nf4(model, self.config.lora.targets)
+        return model
+
+    def _flops_per_token(self, seq_len: int) -> float:
+        full = super()._flops_per_token(seq_len)
+        if self.config.finetune.method == "full":
+            return full
+        # a frozen weight gets no gradient: forward and input gradients, 4 of the 6 N FLOPs
+        return full - 2.0 * matmul_params(self.model_config)
+
+    def _load_data(self) -> None:
+        self.train_rows, self.valid_rows = sft_rows(self.config, self.tokenizer, self.is_main)
+        self.pack_stats = {"training": self.train_rows.stats}
+        if self.valid_rows is not None:
+            self.pack_stats["validation"] = self.valid_rows.stats
+
+    def _loader_for(self, seq_len: int) -> EpochLoader:
+        return SFTLoader(self.train_rows, self.config.batch.micro_batch_size, self.config.run.seed)
+
+    def _validation_loader(self) -> EpochLoader | None:
+        if self.valid_rows is None:
+            return None
+        if self._valid_loader is None:
+            size = min(self.config.batch.micro_batch_size, len(self.valid_rows.tokens))
+            self._valid_loader = SFTLoader(self.valid_rows, size, seed=0)
+        return self._valid_loader
+
+    def exact_match(self, items: list) -> float:
+        """Exact-match accuracy of the model as it is now (greedy answers)."""
+        from herd.infer import Llama
+
+        try:
+            return exact_match(Llama(self.model, self.tokenizer), items)
+        finally:
+            self.model.train()
+
+    def save(self) -> Path:
+        path = super().save()
+        if self.config.finetune.method != "full":
+            write_adapter(self.model, self.config, self.run_dir / ADAPTER_DIR)
+        return path
+
+
+def sft_rows(
+    config: FinetuneConfig, tokenizer, progress: bool = True
+) -> tuple[PackedRows, PackedRows | None]:
+    """The recipe's training mix and its validation dialogs, encoded with the loss mask and
+    packed into rows of batch.seq_len."""
+    d, f, seed = config.data, config.finetune, config.run.seed
+    fmt = chat_format(tokenizer)
+    train, held = [], []
+    for source in d.sources:
+        kept, out = hold_out(read_source(source.path, source.format), d.valid_fraction, seed)
+        train.append((kept, source.epochs, source.weight))
+        held += out
+    for source in d.valid:
+        held += read_source(source.path, source.format)
+    pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+
+    def pack(examples: list, what: str) -> PackedRows:
+        encoded = [
+            encode_example(fmt, x, f.train_on)
+            for x in track(examples, f"encoding {what} dialogs", disable=not progress)
+        ]
+        return pack_dialogs(encoded, config.batch.seq_len, pad, f.overflow)
+
+    return pack(mix(train, seed), "training"), pack(held, "validation") if held else None
+
+
+def write_adapter(model: Transformer, config: FinetuneConfig, out: Path) -> None:
+    """The model's LoRA weights as a PEFT adapter directory, replaced whole."""
+    tmp = out.with_name(out.name + ".tmp")
+    save_peft_adapter(
+        tmp, lora_state_dict(model), config.lora, model.config, base_model=config.finetune.base
+    )
+    if out.exists():
+        for old in out.iterdir():
+            old.unlink()
+        out.rmdir()
+    os.replace(tmp, out)
+
+
+def is_finetune_run(run_dir: str | Path) -> bool:
+    config = Path(run_dir) / "config.json"
+    return config.is_file() and "finetune" in json.loads(config.read_text())
+
+
+def load_finetuned(run_dir: str | Path, step: int | None = None) -> tuple[Transformer, Path]:
+    """The model a `herd finetune` run holds at its newest checkpoint (or `step`), its adapter
+    folded into the base weights; returns it with the checkpoint it came from."""
+    from herd.config.finetune import finetune_from_dict
+
+    run_dir = Path(run_dir)
+    config = finetune_from_dict(_recipe_of(json.loads((run_dir / "config.json").read_text())))
+    found = complete_checkpoints(run_dir / "checkpoints")
+    if step is not None:
+        found = [p for p in found if checkpoint_step(p) == step]
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint {step or 'yet'}")
+    model = load_model(config.finetune.base, dtype=torch.float32)
+    if config.finetune.method != "full":
+        apply_lora(model, config.lora)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = {"model": get_model_state_dict(model, options=TRAINED)}
+    read_checkpoint(found[-1], state)
+    model.load_state_dict(state["model"], strict=False)
+    return merge_lora(model), found[-1]
+
+
+def _recipe_of(saved: dict) -> dict:
+    """A recipe dict from a run's config.json (asdict output: drop the unused model table)."""
+    saved = dict(saved)
+    saved.pop("model", None)
+    return saved
+
+
+__all__ = ["FineTuner", "is_finetune_run", "load_finetuned", "sft_rows", "write_adapter"]
