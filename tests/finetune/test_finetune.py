@@ -346,3 +346,36 @@ def test_qlora_step_loss_stays_near_lora(smollm2_path, dialogs, tmp_path):
     assert qlora[1] < qlora[0] and lora[1] < lora[0]
     assert all("lora_" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
     assert trainer.nf4_bytes > 0
+
+
+def test_a_pretraining_run_is_a_base_and_plain_text_trains_whole(tmp_path):
+    """`finetune.base` may be a `herd pretrain` run directory: the FineTuner starts from its
+    newest checkpoint, with its tokenizer (no chat format: the data is plain text)."""
+    from herd.config.train import from_dict
+    from herd.data import tokenize_corpus
+    from herd.tokenizer.train import save_trained, train_bpe
+    from herd.train.checkpoint import load_run_model
+    from herd.train.trainer import Trainer
+    from tests.train.conftest import play, short_documents
+    from tests.train.conftest import recipe as pretrain_recipe
+
+    text = play("tempest_gut.txt")[:20_000]
+    save_trained(train_bpe([text], vocab_size=300, show_progress=False), tmp_path / "tok")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    tokenize_corpus([tmp_path / "c.jsonl"], tmp_path / "shards", tmp_path / "tok", workers=1)
+    data = {"tokenizer": tmp_path / "tok", "train": tmp_path / "shards"}
+    Trainer(from_dict(pretrain_recipe(data, tmp_path / "pre", optim={"steps": 2}))).fit()
+
+    documents = short_documents(text, lines_per_doc=2)[:20]
+    (tmp_path / "plain.txt").write_text("\n\n".join(documents))
+    raw = recipe(tmp_path / "pre", tmp_path / "plain.txt", tmp_path / "sft")
+    raw["data"]["sources"][0]["format"] = "text"
+    trainer = FineTuner(finetune_from_dict(raw))
+    pretrained, _ = load_run_model(tmp_path / "pre")
+    for (name, a), b in zip(trainer.model.state_dict().items(), pretrained.state_dict().values()):
+        assert torch.equal(a, b), name
+    stats = trainer.pack_stats["training"]
+    tokenizer = trainer.tokenizer
+    framed = [tokenizer.encode(d, bos=tokenizer.bos_id is not None, eos=True) for d in documents]
+    assert stats.truncated == 0 and stats.dialogs == 20
+    assert stats.trained_tokens == sum(len(ids) - 1 for ids in framed)  # all but the first

@@ -46,7 +46,7 @@ def finetune(
 ) -> None:
     """Fine-tune a checkpoint on dialogs: full, LoRA or QLoRA (NF4 base).
 
-    The recipe names the base checkpoint (HF, Meta, GGUF or 'smollm2'), the dialog files (chat
+    The recipe names the base (HF, Meta, GGUF, 'smollm2' or a herd run), the dialog files (chat
     JSONL in OpenAI's messages format, prompt/completion JSONL, ShareGPT JSON, plain text),
     what the loss trains on, and the \\[batch], \\[optim] and \\[run] keys of `herd pretrain`.
     Dialogs are packed into rows with attention kept inside each. Metrics and checkpoints land in

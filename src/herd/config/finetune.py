@@ -1,7 +1,8 @@
 """A fine-tuning recipe: `herd pretrain`'s [batch], [optim] and [run] sections, with the model
 coming from a checkpoint and the data from dialogs.
 
-    [finetune]  base (required: any checkpoint herd reads), method = "full" | "lora" | "qlora",
+    [finetune]  base (required: any checkpoint herd reads, or a herd run directory),
+                method = "full" | "lora" | "qlora",
                 train_on = "assistant" | "last" | "all", overflow = "truncate" | "drop",
                 exact_match (optional: held-out questions, scored before and after).
     [lora]      rank, alpha, dropout, targets (any of wq wk wv wo w1 w2 w3 output).

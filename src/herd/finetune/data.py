@@ -113,9 +113,9 @@ Example = Dialog | str
 
 
 def text_documents(path: str | Path) -> list[str]:
-    """Plain-text documents: the file's paragraphs, split at blank lines."""
+    """Plain-text documents: the file's paragraphs, split at blank lines (indentation kept)."""
     text = Path(path).read_text(encoding="utf-8")
-    return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+    return [d.strip("\r\n") for d in re.split(r"\n[ \t\r]*\n", text) if d.strip()]
 
 
 def read_source(path: str | Path, format: str) -> list[Example]:
@@ -170,11 +170,12 @@ def hold_out(
     return [x for i, x in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
-def encode_example(chat_format: Any, example: Example, train_on: str) -> EncodedDialog:
-    """A dialog through `encode_for_training`; a text document framed by begin-of-text (where
-    the vocabulary has one) and end-of-text, every id trained."""
+def encode_example(
+    tokenizer: Any, example: Example, train_on: str, chat_format: Any = None
+) -> EncodedDialog:
+    """A dialog through `encode_for_training` with `chat_format`; a text document framed by
+    begin-of-text (where the vocabulary has one) and end-of-text, every id trained."""
     if isinstance(example, str):
-        tokenizer = chat_format.tokenizer
         ids = tokenizer.encode(example, bos=tokenizer.bos_id is not None, eos=True)
         return EncodedDialog(ids, [True] * len(ids))
     return encode_for_training(chat_format, example, train_on)

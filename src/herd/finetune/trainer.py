@@ -16,21 +16,28 @@ from pathlib import Path
 
 import torch
 from rich.progress import track
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from herd.adapters.lora import apply_lora, lora_state_dict, merge_lora
 from herd.checkpoint import load_model
 from herd.checkpoint.peft import save_peft_adapter
-from herd.config.finetune import FinetuneConfig
+from herd.config.finetune import FinetuneConfig, finetune_from_dict
 from herd.config.train import ConfigError
 from herd.data.loader import EpochLoader
 from herd.finetune.data import encode_example, hold_out, mix, read_source
 from herd.finetune.pack import PackedRows, SFTLoader, pack_dialogs
 from herd.finetune.tasks import exact_match
+from herd.infer import Llama
 from herd.model import Transformer
 from herd.quantize.nf4 import quantize_frozen_nf4
 from herd.tokenizer import load_tokenizer
 from herd.tokenizer.chat import chat_format
-from herd.train.checkpoint import checkpoint_step, complete_checkpoints, read_checkpoint
+from herd.train.checkpoint import (
+    checkpoint_step,
+    complete_checkpoints,
+    load_run_model,
+    read_checkpoint,
+)
 from herd.train.flops import matmul_params
 from herd.train.trainer import TRAINED, Trainer
 
@@ -49,11 +56,12 @@ class FineTuner(Trainer):
         super().__init__(config, resume)
 
     def _load_tokenizer(self):
-        return load_tokenizer(self.config.data.tokenizer or self.config.finetune.base)
+        base = self.config.finetune.base
+        return load_tokenizer(self.config.data.tokenizer or base_tokenizer(base))
 
     def _build_model(self) -> Transformer:
         f = self.config.finetune
-        model = load_model(f.base, dtype=torch.float32, device=self.device)
+        model = load_base(f.base).to(self.device)
         if self.tokenizer.vocab_size > model.config.vocab_size:
             raise ConfigError(
                 f"the tokenizer has {self.tokenizer.vocab_size} ids but {f.base} embeds only "
@@ -96,8 +104,6 @@ class FineTuner(Trainer):
 
     def exact_match(self, items: list) -> float:
         """Exact-match accuracy of the model as it is now (greedy answers)."""
-        from herd.infer import Llama
-
         try:
             return exact_match(Llama(self.model, self.tokenizer), items)
         finally:
@@ -110,13 +116,30 @@ class FineTuner(Trainer):
         return path
 
 
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "model.json").is_file() and (Path(path) / "checkpoints").is_dir()
+
+
+def load_base(path: str | Path) -> Transformer:
+    """The model to start from (float32): any checkpoint herd reads, or a herd training run's
+    newest checkpoint (a fine-tuning run's with its adapter folded in)."""
+    if not is_run_dir(path):
+        return load_model(path, dtype=torch.float32)
+    model, _ = load_finetuned(path) if is_finetune_run(path) else load_run_model(path)
+    return model
+
+
+def base_tokenizer(path: str | Path) -> str | Path:
+    """Where the tokenizer of a base checkpoint or training run is."""
+    return Path(path) / "tokenizer" if is_run_dir(path) else path
+
+
 def sft_rows(
     config: FinetuneConfig, tokenizer, progress: bool = True
 ) -> tuple[PackedRows, PackedRows | None]:
     """The recipe's training mix and its validation dialogs, encoded with the loss mask and
     packed into rows of batch.seq_len."""
     d, f, seed = config.data, config.finetune, config.run.seed
-    fmt = chat_format(tokenizer)
     train, held = [], []
     for source in d.sources:
         kept, out = hold_out(read_source(source.path, source.format), d.valid_fraction, seed)
@@ -125,10 +148,13 @@ def sft_rows(
     for source in d.valid:
         held += read_source(source.path, source.format)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    examples = [x for kept, _, _ in train for x in kept] + held
+    dialogs = any(not isinstance(x, str) for x in examples)
+    fmt = chat_format(tokenizer) if dialogs else None  # plain text needs no chat format
 
     def pack(examples: list, what: str) -> PackedRows:
         encoded = [
-            encode_example(fmt, x, f.train_on)
+            encode_example(tokenizer, x, f.train_on, fmt)
             for x in track(examples, f"encoding {what} dialogs", disable=not progress)
         ]
         return pack_dialogs(encoded, config.batch.seq_len, pad, f.overflow)
@@ -157,31 +183,22 @@ def is_finetune_run(run_dir: str | Path) -> bool:
 def load_finetuned(run_dir: str | Path, step: int | None = None) -> tuple[Transformer, Path]:
     """The model a `herd finetune` run holds at its newest checkpoint (or `step`), its adapter
     folded into the base weights; returns it with the checkpoint it came from."""
-    from herd.config.finetune import finetune_from_dict
-
     run_dir = Path(run_dir)
-    config = finetune_from_dict(_recipe_of(json.loads((run_dir / "config.json").read_text())))
+    saved = json.loads((run_dir / "config.json").read_text())
+    config = finetune_from_dict({k: v for k, v in saved.items() if k != "model"})
     found = complete_checkpoints(run_dir / "checkpoints")
     if step is not None:
         found = [p for p in found if checkpoint_step(p) == step]
     if not found:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint {step or 'yet'}")
-    model = load_model(config.finetune.base, dtype=torch.float32)
+        which = f"for step {step}" if step is not None else "yet"
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint {which}")
+    model = load_base(config.finetune.base)
     if config.finetune.method != "full":
         apply_lora(model, config.lora)
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     state = {"model": get_model_state_dict(model, options=TRAINED)}
     read_checkpoint(found[-1], state)
     model.load_state_dict(state["model"], strict=False)
     return merge_lora(model), found[-1]
-
-
-def _recipe_of(saved: dict) -> dict:
-    """A recipe dict from a run's config.json (asdict output: drop the unused model table)."""
-    saved = dict(saved)
-    saved.pop("model", None)
-    return saved
 
 
 __all__ = ["FineTuner", "is_finetune_run", "load_finetuned", "sft_rows", "write_adapter"]
