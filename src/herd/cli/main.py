@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from herd.cli import data as data_cli
+from herd.cli import eval as eval_cli
 from herd.cli import finetune as finetune_cli
 from herd.cli import generate as generate_cli
 from herd.cli import quantize as quantize_cli
@@ -36,6 +37,7 @@ app.command()(serve_cli.serve)
 app.command()(data_cli.tokenize)
 app.command()(train_cli.pretrain)
 app.command()(train_cli.export)
+app.command("eval")(eval_cli.eval_)
 app.command()(finetune_cli.finetune)
 app.command()(finetune_cli.merge)
 app.command("synth-task")(finetune_cli.synth_task)

