@@ -32,12 +32,7 @@ from herd.model import Transformer
 from herd.quantize.nf4 import quantize_frozen_nf4
 from herd.tokenizer import load_tokenizer
 from herd.tokenizer.chat import chat_format
-from herd.train.checkpoint import (
-    checkpoint_step,
-    complete_checkpoints,
-    load_run_model,
-    read_checkpoint,
-)
+from herd.train.checkpoint import load_run_model, read_checkpoint, run_checkpoint
 from herd.train.flops import matmul_params
 from herd.train.trainer import TRAINED, Trainer
 
@@ -186,19 +181,14 @@ def load_finetuned(run_dir: str | Path, step: int | None = None) -> tuple[Transf
     run_dir = Path(run_dir)
     saved = json.loads((run_dir / "config.json").read_text())
     config = finetune_from_dict({k: v for k, v in saved.items() if k != "model"})
-    found = complete_checkpoints(run_dir / "checkpoints")
-    if step is not None:
-        found = [p for p in found if checkpoint_step(p) == step]
-    if not found:
-        which = f"for step {step}" if step is not None else "yet"
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint {which}")
+    path = run_checkpoint(run_dir, step)
     model = load_base(config.finetune.base)
     if config.finetune.method != "full":
         apply_lora(model, config.lora)
     state = {"model": get_model_state_dict(model, options=TRAINED)}
-    read_checkpoint(found[-1], state)
+    read_checkpoint(path, state)
     model.load_state_dict(state["model"], strict=False)
-    return merge_lora(model), found[-1]
+    return merge_lora(model), path
 
 
 __all__ = ["FineTuner", "is_finetune_run", "load_finetuned", "sft_rows", "write_adapter"]

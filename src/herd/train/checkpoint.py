@@ -199,6 +199,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def run_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """A training run's newest complete checkpoint, or the one of `step`."""
+    found = complete_checkpoints(Path(run_dir) / "checkpoints")
+    if step is not None:
+        found = [p for p in found if checkpoint_step(p) == step]
+    if not found:
+        which = f"for step {step}" if step is not None else "yet"
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint {which}")
+    return found[-1]
+
+
 def load_run_model(run_dir: str | Path, step: int | None = None) -> tuple[Transformer, Path]:
     """The model of a training run (`herd pretrain`'s run directory) at its newest checkpoint,
     or at `step`; returns it with the checkpoint it came from."""
@@ -206,13 +217,7 @@ def load_run_model(run_dir: str | Path, step: int | None = None) -> tuple[Transf
     shape = run_dir / "model.json"
     if not shape.is_file():
         raise FileNotFoundError(f"{run_dir}: not a training run directory (no model.json)")
-    found = complete_checkpoints(run_dir / "checkpoints")
-    if step is not None:
-        found = [p for p in found if checkpoint_step(p) == step]
-    if not found:
-        which = f"for step {step}" if step is not None else "yet"
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint {which}")
-    path = found[-1]
+    path = run_checkpoint(run_dir, step)
     with torch.device("meta"):  # no random init: every tensor is read from the checkpoint
         model = Transformer(ModelConfig(**json.loads(shape.read_text())))
     model.to_empty(device="cpu")
