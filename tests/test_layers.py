@@ -11,7 +11,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "herd"
 
 # STYLE.md's order: config -> tokenizer, model -> checkpoint, data, quantize, adapters ->
-# train, infer -> serve, eval -> finetune -> cli. Packages on one layer do not import each other either.
+# train, infer -> serve -> eval (it generates through the serving engine) -> finetune -> cli.
+# Packages on one layer do not import each other either.
 LAYERS = {
     "config": 0,
     "tokenizer": 1,
@@ -23,9 +24,9 @@ LAYERS = {
     "train": 3,
     "infer": 3,
     "serve": 4,
-    "eval": 4,
-    "finetune": 5,
-    "cli": 6,
+    "eval": 5,
+    "finetune": 6,
+    "cli": 7,
 }
 
 

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from herd.eval import evaluate, get_task
-from herd.eval.score import choice_metrics, encode_pair, extract_answer, score_choices, summary
+from herd.eval.score import (
+    choice_metrics,
+    encode_pair,
+    encode_question,
+    extract_answer,
+    score_choices,
+    summary,
+)
 from herd.eval.tasks import UnknownTask, data_file
 from herd.infer import Llama
 
@@ -93,6 +100,28 @@ def test_gsm8k_runs_and_scores_exact_match(smollm2):
         assert record["target"].lstrip("-").isdigit()
 
 
+def test_a_window_shorter_than_the_prompts_skips_and_counts_or_truncates(smollm2):
+    """Items that do not fit are skipped and counted; with overflow="truncate" they are scored
+    on the prompt's last tokens, as transformers scores the same truncated input."""
+    short = Llama(smollm2.model, smollm2.tokenizer, max_seq_len=40)
+    rows = [encode_question(short.tokenizer, q) for q in get_task("arc_easy").load(0)[:6]]
+    too_long = sum(len(c) + max(map(len, k)) - 1 > 40 for c, k in rows)
+    assert 0 < too_long < 6
+    skipped = evaluate(short, "arc_easy", limit=6)
+    assert skipped["skipped"] == too_long and skipped["acc"]["n"] == 6 - too_long
+    truncated = evaluate(short, "arc_easy", limit=6, overflow="truncate")
+    assert truncated["skipped"] == 0 and truncated["acc"]["n"] == 6
+    (context, conts), record = rows[0], truncated["records"][0]
+    for cont, ours in zip(conts, record["logprobs"]):
+        ids = (context + cont)[-41:]  # lm-eval's hf backend: the last window + 1 tokens
+        with torch.no_grad():
+            logits = smollm2.model(torch.tensor([ids[:-1]]))[0].float().log_softmax(-1)
+        theirs = logits[-len(cont) :].gather(1, torch.tensor(cont)[:, None]).sum()
+        assert ours == pytest.approx(float(theirs), abs=1e-4)
+    generated = evaluate(short, "gsm8k", limit=2, shots=0, max_new_tokens=30)
+    assert generated["skipped"] == 2 and generated["exact_match"]["n"] == 0
+
+
 def test_bootstrap_stderr_matches_the_binomial_formula():
     correct = [True] * 30 + [False] * 70
     s = summary(correct, resamples=4000)
@@ -107,11 +136,8 @@ def test_bad_input_says_what_to_do(smollm2, monkeypatch):
         evaluate(smollm2, "arc_hard")
     with pytest.raises(ValueError, match="comes with 0 or 5 shots"):
         evaluate(smollm2, "piqa", shots=3)
-    short = Llama(smollm2.model, smollm2.tokenizer)
-    monkeypatch.setattr(short.model.config, "max_seq_len", 16)
-    with pytest.raises(ValueError, match="more than the model's 16"):
-        evaluate(short, "arc_easy", limit=1)
-    monkeypatch.undo()
+    with pytest.raises(ValueError, match="overflow must be one of skip, truncate"):
+        evaluate(smollm2, "piqa", overflow="drop")
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)

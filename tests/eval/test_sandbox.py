@@ -67,21 +67,13 @@ def test_pass_at_k_is_the_unbiased_estimator():
     assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
 
 
-def test_run_code_scores_what_the_model_completes():
-    """The code path with a stand-in model that answers the canonical solution for even
-    problems and a wrong body for odd ones: pass@1 is exactly one half."""
-    from herd.eval.score import run_code
-    from herd.infer.text import Completion
+def test_code_metrics_score_what_the_model_completes():
+    """The canonical solution for even problems and a wrong body for odd ones: pass@1 is
+    exactly one half."""
+    from herd.eval.score import code_metrics
 
     problems = humaneval(0)[:6]
-    solutions = {
-        p.prompt: p.canonical if i % 2 == 0 else "    return 0\n" for i, p in enumerate(problems)
-    }
-
-    class Answers:
-        def generate(self, prompts, **kwargs):
-            return [Completion(solutions[p], [], "stop", 0) for p in prompts]
-
-    result = run_code(Answers(), problems, stop=(), max_new_tokens=8, batch=4)
+    outputs = [p.canonical if i % 2 == 0 else "    return 0\n" for i, p in enumerate(problems)]
+    result = code_metrics(problems, outputs)
     assert result["pass@1"]["mean"] == 0.5 and result["pass@1"]["n"] == 6
     assert [r["status"] for r in result["records"]] == ["passed", "failed"] * 3

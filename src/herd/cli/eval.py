@@ -83,3 +83,22 @@ def eval_(
             (out / f"{result['task']}.jsonl").write_text("\n".join(lines) + "\n")
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         console.print(f"results and per-item records in {out}")
+
+
+def lm_eval(ctx: typer.Context) -> None:
+    """Run lm-eval's own command line, with herd as `--model herd`.
+
+    model_args: pretrained=PATH, dtype, quantize, adapter, max_length, add_bos_token). Every argument goes
+    to lm-eval: `herd lm-eval --model herd --model_args pretrained=smollm2 --tasks arc_easy`;
+    `herd lm-eval --help` shows lm-eval's options."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("lm_eval") is None:
+        fail("lm-eval is not installed: pip install 'lm-eval>=0.4.5'")
+    from lm_eval.__main__ import cli_evaluate
+
+    import herd.eval  # noqa: F401  (registers the "herd" model)
+
+    sys.argv = ["lm-eval", *ctx.args]
+    cli_evaluate()

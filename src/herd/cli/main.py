@@ -38,6 +38,14 @@ app.command()(data_cli.tokenize)
 app.command()(train_cli.pretrain)
 app.command()(train_cli.export)
 app.command("eval")(eval_cli.eval_)
+app.command(
+    "lm-eval",
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "help_option_names": [],
+    },
+)(eval_cli.lm_eval)
 app.command()(finetune_cli.finetune)
 app.command()(finetune_cli.merge)
 app.command("synth-task")(finetune_cli.synth_task)

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from herd.eval.score import choice_metrics, generate_answers, run_code, score_choices
+from herd.eval.batch import complete, fit
+from herd.eval.score import (
+    answer_metrics,
+    choice_metrics,
+    code_metrics,
+    encode_question,
+    fits,
+    score_rows,
+)
 from herd.eval.tasks import get_task
+
+OVERFLOW = ("skip", "truncate")
 
 
 def evaluate(
@@ -14,20 +24,35 @@ def evaluate(
     limit: int | None = None,
     shots: int | None = None,
     max_new_tokens: int = 256,
+    overflow: str = "skip",
+    max_batch: int = 32,
 ) -> dict:
-    """Scores of one task on a `herd.Llama`: metrics (mean, stderr, n) and per-item records.
-    `limit` takes the task's first items; `shots` defaults to the task's first setting."""
+    """Scores of one task on a `herd.Llama`: metrics (mean, stderr, n), per-item records and
+    `skipped`, the items whose prompt does not fit the model's window. `limit` takes the
+    task's first items; `shots` defaults to the task's first setting. overflow "truncate"
+    scores those items on their prompt's last tokens instead of skipping them."""
     spec = get_task(task)
     shots = spec.shots[0] if shots is None else shots
     if shots not in spec.shots:
         raise ValueError(
             f"{task} comes with {' or '.join(map(str, spec.shots))} shots, not {shots}"
         )
+    if overflow not in OVERFLOW:
+        raise ValueError(f"overflow must be one of {', '.join(OVERFLOW)}, not {overflow!r}")
     items = spec.load(shots)[:limit]
+    window = llama.max_seq_len
     if spec.kind == "choice":
-        result = choice_metrics(items, score_choices(llama.model, llama.tokenizer, items))
-    elif spec.kind == "code":
-        result = run_code(llama, items, spec.stop, max_new_tokens)
+        rows = [encode_question(llama.tokenizer, q) for q in items]
+        kept = [i for i, row in enumerate(rows) if overflow == "truncate" or fits(*row, window)]
+        scores = score_rows(llama.model, [rows[i] for i in kept], window)
+        result = choice_metrics([items[i] for i in kept], scores)
     else:
-        result = generate_answers(llama, items, spec.stop, max_new_tokens)
-    return {"task": task, "shots": shots, **result}
+        max_new_tokens = min(max_new_tokens, window - 1)
+        prompts = [fit(llama.encode(p.prompt), window - max_new_tokens, overflow) for p in items]
+        kept = [i for i, ids in enumerate(prompts) if ids is not None]
+        done = complete(
+            llama, [prompts[i] for i in kept], max_new_tokens, spec.stop, max_batch=max_batch
+        )
+        metrics = code_metrics if spec.kind == "code" else answer_metrics
+        result = metrics([items[i] for i in kept], [d.text for d in done])
+    return {"task": task, "shots": shots, "skipped": len(items) - len(kept), **result}

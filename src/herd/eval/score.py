@@ -45,52 +45,80 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 def _row(context: list[int], continuations: list[list[int]]):
     """Tokens, positions, branch ids (0: context, i: continuation i) and the predictor index of
-    every continuation token, for one shared-context row."""
+    every continuation token, for one shared-context row. A continuation's last token is only
+    ever predicted, never an input, so the row holds all but the last of each."""
     if not context:  # the first continuation token would have nothing to be predicted from
         raise ValueError("a question's context is empty and the tokenizer adds no BOS")
     tokens, positions, branch = list(context), list(range(len(context))), [0] * len(context)
     predictors = []
     for i, cont in enumerate(continuations, 1):
         start = len(tokens)
-        tokens += cont
-        positions += range(len(context), len(context) + len(cont))
-        branch += [i] * len(cont)
+        tokens += cont[:-1]
+        positions += range(len(context), len(context) + len(cont) - 1)
+        branch += [i] * (len(cont) - 1)
         # token j of the continuation is predicted by the one before it (the context's last first)
         predictors.append([len(context) - 1] + list(range(start, start + len(cont) - 1)))
     return tokens, positions, branch, predictors
 
 
-@torch.no_grad()
+def _length(context: Sequence[int], continuations: Sequence[Sequence[int]]) -> int:
+    return len(context) + sum(len(c) - 1 for c in continuations)
+
+
+def fits(context: Sequence[int], continuations: Sequence[Sequence[int]], window: int) -> bool:
+    """Every continuation can be scored after the whole context within `window` positions."""
+    return len(context) + max(len(c) for c in continuations) - 1 <= window
+
+
 def score_choices(
-    model, tokenizer, questions: Sequence[Question], max_tokens: int = 4096
-) -> list[ChoiceScores]:
-    """Log-likelihood of every choice of every question, a few questions per forward pass (as
-    many rows as fit `max_tokens` padded tokens)."""
-    rows = []
-    for q in questions:
-        pairs = [encode_pair(tokenizer, q.context, c) for c in q.choices]
-        rows.append((pairs[0][0], [cont for _, cont in pairs]))
-    window = model.config.max_seq_len
-    results: list[ChoiceScores | None] = [None] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: -_length(rows[i]))
+    model, tokenizer, questions: Sequence[Question], window: int | None = None,
+    max_tokens: int = 4096,
+) -> list[ChoiceScores]:  # fmt: skip
+    """Log-likelihood of every choice of every question (see `score_rows`)."""
+    return score_rows(model, [encode_question(tokenizer, q) for q in questions], window, max_tokens)
+
+
+def encode_question(tokenizer, q: Question) -> tuple[list[int], list[list[int]]]:
+    """(context ids, [continuation ids]) of a question, each pair encoded as lm-eval does."""
+    pairs = [encode_pair(tokenizer, q.context, c) for c in q.choices]
+    return pairs[0][0], [cont for _, cont in pairs]
+
+
+@torch.no_grad()
+def score_rows(
+    model, rows: Sequence[tuple[list[int], list[list[int]]]], window: int | None = None,
+    max_tokens: int = 4096,
+) -> list[ChoiceScores]:  # fmt: skip
+    """Log-likelihoods of (context ids, [continuation ids]) rows, a few rows per forward pass
+    (as many as fit `max_tokens` padded tokens). A row whose choices do not fit the window
+    together is scored one choice at a time, and a context too long for its continuation
+    loses its oldest tokens, as lm-eval's `hf` backend truncates."""
+    window = window or model.config.max_seq_len
+    units = []  # (row, choice indices, context, continuations)
+    for r, (context, conts) in enumerate(rows):
+        if _length(context, conts) <= window:
+            units.append((r, list(range(len(conts))), context, conts))
+            continue
+        for j, cont in enumerate(conts):
+            if len(cont) > window:
+                raise ValueError(
+                    f"a continuation of {len(cont)} tokens exceeds the {window}-token window"
+                )
+            units.append((r, [j], context[-(window + 1 - len(cont)) :], [cont]))
+    logprobs: list[list[float]] = [[0.0] * len(conts) for _, conts in rows]
+    greedy: list[list[bool]] = [[False] * len(conts) for _, conts in rows]
+    order = sorted(range(len(units)), key=lambda u: -_length(*units[u][2:]))
     at = 0
     while at < len(order):
-        width = _length(rows[order[at]])
-        if width > window:
-            raise ValueError(
-                f"question {questions[order[at]].id}: its context and choices take {width} "
-                f"tokens, more than the model's {window}"
-            )
-        batch = order[at : at + max(1, max_tokens // width)]
-        for i, scores in zip(batch, _score_batch(model, [rows[i] for i in batch], width)):
-            results[i] = scores
+        width = max(1, _length(*units[order[at]][2:]))
+        batch = [units[u] for u in order[at : at + max(1, max_tokens // width)]]
+        for (r, choices, _, _), scores in zip(
+            batch, _score_batch(model, [u[2:] for u in batch], width)
+        ):
+            for j, lp, g in zip(choices, scores.logprobs, scores.greedy):
+                logprobs[r][j], greedy[r][j] = lp, g
         at += len(batch)
-    return results
-
-
-def _length(row) -> int:
-    context, continuations = row
-    return len(context) + sum(len(c) for c in continuations)
+    return [ChoiceScores(lp, g) for lp, g in zip(logprobs, greedy)]
 
 
 def _score_batch(model, rows, width: int) -> list[ChoiceScores]:
@@ -107,14 +135,21 @@ def _score_batch(model, rows, width: int) -> list[ChoiceScores]:
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     mask = causal & ((k == 0) | (k == q)) & (k >= 0)
     mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself (no empty rows)
-    logits = model(tokens.to(device), positions.to(device), mask[:, None].to(device))
+    keep = torch.zeros(n, width, dtype=torch.bool)  # only predictors need the output layer
+    for r, (_, _, _, predictors) in enumerate(built):
+        for pred in predictors:
+            keep[r, pred] = True
+    index = (keep.flatten().cumsum(0) - 1).view(n, width)
+    logits = model(
+        tokens.to(device), positions.to(device), mask[:, None].to(device), keep=keep.to(device)
+    )
     logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
     out = []
     for r, (_, _, _, predictors) in enumerate(built):
         sums, greedy = [], []
         for cont, pred in zip(rows[r][1], predictors):
             target = torch.tensor(cont)
-            picked = logprobs[r, pred]
+            picked = logprobs[index[r, pred]]
             sums.append(float(picked.gather(1, target[:, None]).sum()))
             greedy.append(bool((picked.argmax(-1) == target).all()))
         out.append(ChoiceScores(sums, greedy))
@@ -162,26 +197,13 @@ def _plain(number: str) -> str:
     return number.removesuffix(".0")
 
 
-def generate_answers(
-    llama, problems: Sequence[Problem], stop: Sequence[str], max_new_tokens: int, batch: int = 8
-) -> dict:
-    """Greedy completions, the extracted answers and exact match."""
+def answer_metrics(problems: Sequence[Problem], outputs: Sequence[str]) -> dict:
+    """Exact match of the answers extracted from greedy completions."""
     correct, records = [], []
-    for at in range(0, len(problems), batch):
-        part = problems[at : at + batch]
-        outs = llama.generate(
-            [p.prompt for p in part],
-            max_new_tokens=max_new_tokens,
-            temperature=0,
-            stop=list(stop),
-            truncate=True,
-        )
-        for p, out in zip(part, outs):
-            predicted = extract_answer(out.text)
-            correct.append(predicted == p.answer)
-            records.append(
-                {"id": p.id, "target": p.answer, "prediction": predicted, "output": out.text}
-            )
+    for p, text in zip(problems, outputs):
+        predicted = extract_answer(text)
+        correct.append(predicted == p.answer)
+        records.append({"id": p.id, "target": p.answer, "prediction": predicted, "output": text})
     return {"exact_match": summary(correct), "records": records}
 
 
@@ -193,22 +215,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def run_code(
-    llama, problems: Sequence[CodeProblem], stop: Sequence[str], max_new_tokens: int,
-    batch: int = 8, timeout: float = 10.0,
-) -> dict:  # fmt: skip
-    """Greedy completions of each function, executed with its tests in the sandbox: pass@1."""
+def code_metrics(
+    problems: Sequence[CodeProblem], outputs: Sequence[str], timeout: float = 10.0
+) -> dict:
+    """Each completion executed with its problem's tests in the sandbox: pass@1."""
     passed, records = [], []
-    for at in range(0, len(problems), batch):
-        part = problems[at : at + batch]
-        outs = llama.generate(
-            [p.prompt for p in part], max_new_tokens=max_new_tokens, temperature=0,
-            stop=list(stop), truncate=True,
-        )  # fmt: skip
-        for p, out in zip(part, outs):
-            outcome = run_program(p.program(out.text), timeout=timeout)
-            passed.append(outcome.passed)
-            records.append({"id": p.id, "completion": out.text, "status": outcome.status})
+    for p, text in zip(problems, outputs):
+        outcome = run_program(p.program(text), timeout=timeout)
+        passed.append(outcome.passed)
+        records.append({"id": p.id, "completion": text, "status": outcome.status})
     return {"pass@1": summary(passed), "records": records}
 
 

@@ -226,3 +226,42 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise UnknownTask(f"unknown task {name!r}; tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]
+
+
+def write_lm_eval_task(
+    name: str, shots: int, directory: str | Path, limit: int | None = None,
+    max_new_tokens: int = 256,
+) -> str:  # fmt: skip
+    """A herd task as a local lm-eval task (`NAME.jsonl` and `herd_NAME.yaml` in `directory`,
+    for `--include_path`): the same prompts, choices and stop strings, so lm-eval's backends
+    score exactly what `herd eval` scores. Returns the lm-eval task name."""
+    task = get_task(name)
+    items = task.load(shots)[:limit]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / f"{name}.jsonl"
+    lm_name = f"herd_{name}"
+    head = (
+        f"task: {lm_name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {json.dumps(str(data))}\ntest_split: test\n"
+    )
+    if task.kind == "choice":
+        rows = [{"context": q.context, "choices": list(q.choices), "gold": q.gold} for q in items]
+        body = (
+            'output_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
+            'doc_to_choice: "{{choices}}"\ndoc_to_target: gold\n'
+            "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+        )
+    elif task.kind == "generate":
+        rows = [{"prompt": p.prompt, "answer": p.answer} for p in items]
+        body = (
+            'output_type: generate_until\ndoc_to_text: "{{prompt}}"\n'
+            'doc_to_target: "{{answer}}"\ngeneration_kwargs:\n'
+            f"  until: {json.dumps(list(task.stop))}\n  do_sample: false\n"
+            f"  max_gen_toks: {max_new_tokens}\nmetric_list:\n  - metric: exact_match\n"
+        )
+    else:
+        raise ValueError(f"{name} is a {task.kind} task; only choice and generate tasks export")
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (directory / f"{lm_name}.yaml").write_text(head + body, encoding="utf-8")
+    return lm_name
