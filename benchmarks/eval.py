@@ -1,121 +1,140 @@
-"""Multiple-choice scoring speed: herd's shared-context rows vs transformers scoring one row per
-choice (the scheme of lm-eval's `hf` backend: context + continuation per request, batched).
+"""Evaluation speed: `herd eval` against lm-eval's `hf` backend on the same examples.
 
-    python benchmarks/eval.py [--tasks mmlu,arc_challenge,hellaswag] [--limit 64]
+    python benchmarks/eval.py [--mc mmlu,arc_challenge] [--limit 48]
+                              [--gen gsm8k] [--gen-limit 32] [--max-new-tokens 160]
                               [--batch 8] [--threads 2]
 
-Both score the same questions of the real SmolLM2-135M-Instruct in fp32 with the same threads,
-and must agree: every choice's log-likelihood within 1e-3 and the same accuracy, or the run
-stops. Reported: questions per second and the accuracy both found.
-
-Measured on this project's 2-core machine (48 questions each, 0-shot):
-
-    task           herd q/s  transformers q/s  speed-up  acc (both)  max gap
-    mmlu               3.35              1.03     3.25x       20.8%   2.5e-5
-    arc_challenge      3.89              1.73     2.25x       39.6%   3.8e-5
-    hellaswag          3.31              1.64     2.02x       41.7%   7.6e-5
+Every task is exported as a local lm-eval task (herd.eval.tasks.write_lm_eval_task), so both
+score the same prompts of the real SmolLM2-135M-Instruct in fp32 with the same threads, and
+lm-eval's `hf` backend (transformers, batch `--batch`) runs through `lm_eval.simple_evaluate`
+as its users run it, timed inside its request methods (task building excluded). herd is timed
+twice: `herd eval` (`evaluate`), and the same lm-eval run with herd's backend (`HerdLM`). Multiple
+choice must agree (same accuracy, every log-likelihood within 1e-3) or the run stops; for
+generation the table shows how many greedy outputs are identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
-
-import torch
-import torch.nn.functional as F
+from pathlib import Path
 
 
-def transformers_scores(model, tokenizer, questions, batch: int) -> list[list[float]]:
-    """Every (context, choice) as its own row, right-padded, `batch` rows per forward."""
-    requests = []
-    for qi, q in enumerate(questions):
-        spaces = len(q.context) - len(q.context.rstrip())
-        head = tokenizer(q.context[: len(q.context) - spaces])["input_ids"]
-        for choice in q.choices:
-            ids = tokenizer(q.context + choice)["input_ids"]
-            requests.append((qi, ids, len(head)))
-    scores = [[] for _ in questions]
-    for at in range(0, len(requests), batch):
-        part = requests[at : at + batch]
-        width = max(len(ids) for _, ids, _ in part)
-        tokens = torch.zeros(len(part), width, dtype=torch.long)
-        attention = torch.zeros(len(part), width, dtype=torch.long)
-        for r, (_, ids, _) in enumerate(part):
-            tokens[r, : len(ids)], attention[r, : len(ids)] = torch.tensor(ids), 1
-        with torch.no_grad():
-            logprobs = F.log_softmax(model(tokens, attention_mask=attention).logits.float(), -1)
-        for r, (qi, ids, start) in enumerate(part):
-            picked = logprobs[r, start - 1 : len(ids) - 1].gather(
-                1, torch.tensor(ids[start:])[:, None]
-            )
-            scores[qi].append(float(picked.sum()))
-    return scores
+def timed(lm):
+    """The model with a clock on its request methods: lm.seconds is the time spent scoring
+    and generating, without lm-eval's task building around it."""
+    lm.seconds = 0.0
+    for name in ("loglikelihood", "generate_until"):
+        setattr(lm, name, _clocked(lm, getattr(lm, name)))
+    return lm
 
 
-def accuracy(questions, scores) -> float:
-    return sum(
-        max(range(len(s)), key=s.__getitem__) == q.gold for q, s in zip(questions, scores)
-    ) / len(questions)
+def _clocked(lm, method):
+    def wrapper(requests, *args, **kwargs):
+        start = time.perf_counter()
+        out = method(requests, *args, **kwargs)
+        lm.seconds += time.perf_counter() - start
+        return out
+
+    return wrapper
+
+
+def lm_eval_run(lm, task: str, include: Path, batch: int):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    lm.seconds = 0.0
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=[task], task_manager=TaskManager(include_path=str(include)),
+        log_samples=True, batch_size=batch,
+    )  # fmt: skip
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    return lm.seconds, [s["filtered_resps"] for s in samples]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default="mmlu,arc_challenge,hellaswag")
-    parser.add_argument("--limit", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8, help="transformers rows per forward")
+    parser.add_argument(
+        "--mc", default="mmlu:5,mmlu:0,arc_challenge", help="tasks, each optionally :SHOTS"
+    )
+    parser.add_argument("--limit", type=int, default=48)
+    parser.add_argument("--gen", default="gsm8k:5")
+    parser.add_argument("--gen-limit", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--batch", type=int, default=8, help="lm-eval hf batch size")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from herd.config.embedded import embedded_path
-    from herd.eval import get_task
-    from herd.eval.score import score_choices
+    from herd.eval import evaluate, get_task
+    from herd.eval.lm import HerdLM
+    from herd.eval.tasks import write_lm_eval_task
     from herd.infer import Llama
 
     path = embedded_path("smollm2")
     llama = Llama.load(path, dtype="float32")
-    hf = AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     ).eval()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf = timed(HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch))
+    herd_lm = timed(HerdLM(pretrained=str(path), dtype="float32", batch_size=32))
+    include = Path(tempfile.mkdtemp(prefix="herd-eval-bench-"))
     rows = []
-    for task in args.tasks.split(","):
-        questions = get_task(task).load(0)[: args.limit]
-        score_choices(llama.model, llama.tokenizer, questions[:2])  # warm-up
+    jobs = [(t, args.limit) for t in args.mc.split(",") if t]
+    jobs += [(t, args.gen_limit) for t in args.gen.split(",") if t]
+    for job, limit in jobs:
+        name, _, shots = job.partition(":")
+        spec = get_task(name)
+        shots = int(shots) if shots else spec.shots[0]
+        lm_task = write_lm_eval_task(name, shots, include, limit, args.max_new_tokens)
+        evaluate(llama, name, limit=2, shots=shots, max_new_tokens=8)  # warm-up
         start = time.perf_counter()
-        ours = score_choices(llama.model, llama.tokenizer, questions)
+        ours = evaluate(llama, name, limit, shots, args.max_new_tokens)
         herd_s = time.perf_counter() - start
-        start = time.perf_counter()
-        theirs = transformers_scores(hf, tok, questions, args.batch)
-        hf_s = time.perf_counter() - start
-        gap = max(abs(a - b) for o, t in zip(ours, theirs) for a, b in zip(o.logprobs, t))
-        ours_acc = accuracy(questions, [o.logprobs for o in ours])
-        if gap > 1e-3 or ours_acc != accuracy(questions, theirs):
-            sys.exit(f"{task}: the engines disagree (largest log-likelihood gap {gap:.1e})")
-        choices = sum(len(q.choices) for q in questions) / len(questions)
-        rows.append(
-            (
-                task,
-                len(questions),
-                choices,
-                len(questions) / herd_s,
-                len(questions) / hf_s,
-                ours_acc,
-                gap,
+        herd_lm_s, via_lm_eval = lm_eval_run(herd_lm, lm_task, include, args.batch)
+        hf_s, theirs = lm_eval_run(hf, lm_task, include, args.batch)
+        n = len(ours["records"])
+        if spec.kind == "choice":
+            gap = max(
+                abs(a - b[0])
+                for record, t in zip(ours["records"], theirs)
+                for a, b in zip(record["logprobs"], t)
             )
-        )
-    print(f"\nmultiple-choice scoring, SmolLM2-135M fp32, {args.threads} threads\n")
-    print(
-        "| task | questions | choices | herd q/s | transformers q/s | speed-up | acc (both) | max gap |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for task, n, k, ours, theirs, acc, gap in rows:
+            hf_acc = (
+                sum(
+                    max(range(len(t)), key=lambda i: t[i][0]) == r["gold"]
+                    for r, t in zip(ours["records"], theirs)
+                )
+                / n
+            )
+            if gap > 1e-3 or hf_acc != ours["acc"]["mean"]:
+                sys.exit(f"{name}: herd and lm-eval's hf backend disagree (gap {gap:.1e})")
+            agree = f"acc {100 * hf_acc:.1f}% both, max gap {gap:.1e}"
+        else:
+            same = sum(r["output"] == t[0] for r, t in zip(ours["records"], theirs))
+            also = sum(a[0] == t[0] for a, t in zip(via_lm_eval, theirs))
+            agree = f"{same}/{n} outputs identical ({also}/{n} via lm-eval herd)"
+        rows.append((name, shots, n, n / herd_s, n / herd_lm_s, n / hf_s, agree))
+
+    print(f"\nSmolLM2-135M fp32, {args.threads} threads, lm-eval hf batch {args.batch}\n")
+    print("| task | shots | n | herd eval ex/s | lm-eval --model herd ex/s | lm-eval hf ex/s "
+          "| speed-up (herd eval) | agreement |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, shots, n, ours, via, theirs, agree in rows:
         print(
-            f"| {task} | {n} | {k:.1f} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f}x | "
-            f"{100 * acc:.1f}% | {gap:.1e} |"
+            f"| {name} | {shots} | {n} | {ours:.2f} | {via:.2f} | {theirs:.2f} | "
+            f"{ours / theirs:.2f}x | {agree} |"
         )
 
 

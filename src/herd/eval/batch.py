@@ -46,6 +46,11 @@ def complete(
     ]
     engine.start()
     try:
+        shared = _common_prefix(prompts)
+        if len(prompts) > 1 and len(shared) > engine.cache.blocks.block_size:
+            # Computed alone first, the shared few-shot prefix is in the prefix cache before
+            # the first batch is admitted (admitted together, every row would compute it).
+            run_to_completion(engine, [Request(id="prefix", prompt=shared, max_tokens=1)])
         events = run_to_completion(engine, requests)
     finally:
         engine.stop()
@@ -62,6 +67,16 @@ def complete(
             )
         )
     return done
+
+
+def _common_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
+    if not prompts:
+        return []
+    first = list(prompts[0])
+    n = min(len(p) for p in prompts)
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return first[:n]
 
 
 def fit(ids: list[int], room: int, overflow: str) -> list[int] | None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from herd.eval.sandbox import run_program
 from herd.eval.tasks import CodeProblem, Problem, Question
+from herd.infer.cache import KVCache
 
 
 @dataclass
@@ -84,15 +85,22 @@ def encode_question(tokenizer, q: Question) -> tuple[list[int], list[list[int]]]
     return pairs[0][0], [cont for _, cont in pairs]
 
 
+SHARED_KEY = 48  # rows whose contexts open with the same this many tokens share a prefix
+
+
 @torch.no_grad()
 def score_rows(
     model, rows: Sequence[tuple[list[int], list[list[int]]]], window: int | None = None,
     max_tokens: int = 4096,
 ) -> list[ChoiceScores]:  # fmt: skip
     """Log-likelihoods of (context ids, [continuation ids]) rows, a few rows per forward pass
-    (as many as fit `max_tokens` padded tokens). A row whose choices do not fit the window
-    together is scored one choice at a time, and a context too long for its continuation
-    loses its oldest tokens, as lm-eval's `hf` backend truncates."""
+    (as many as fit `max_tokens` padded tokens).
+
+    Rows whose contexts begin alike (the few-shot exemplars of a task or subject) have their
+    common prefix computed once, and its keys and values serve every row of the group. A row
+    whose choices do not fit the window together is scored one choice at a time, and a
+    context too long for its continuation loses its oldest tokens, as lm-eval's `hf` backend
+    truncates."""
     window = window or model.config.max_seq_len
     units = []  # (row, choice indices, context, continuations)
     for r, (context, conts) in enumerate(rows):
@@ -105,26 +113,51 @@ def score_rows(
                     f"a continuation of {len(cont)} tokens exceeds the {window}-token window"
                 )
             units.append((r, [j], context[-(window + 1 - len(cont)) :], [cont]))
+    groups: dict[tuple, list[int]] = {}
+    for u, (_, _, context, _) in enumerate(units):
+        key = tuple(context[:SHARED_KEY]) if len(context) > SHARED_KEY else ("alone", u)
+        groups.setdefault(key, []).append(u)
     logprobs: list[list[float]] = [[0.0] * len(conts) for _, conts in rows]
     greedy: list[list[bool]] = [[False] * len(conts) for _, conts in rows]
-    order = sorted(range(len(units)), key=lambda u: -_length(*units[u][2:]))
-    at = 0
-    while at < len(order):
-        width = max(1, _length(*units[order[at]][2:]))
-        batch = [units[u] for u in order[at : at + max(1, max_tokens // width)]]
-        for (r, choices, _, _), scores in zip(
-            batch, _score_batch(model, [u[2:] for u in batch], width)
-        ):
-            for j, lp, g in zip(choices, scores.logprobs, scores.greedy):
-                logprobs[r][j], greedy[r][j] = lp, g
-        at += len(batch)
+    for members in groups.values():
+        shared = _common_prefix([units[u][2] for u in members]) if len(members) > 1 else 0
+        prefix = _prefix_cache(model, units[members[0]][2][:shared]) if shared else None
+        order = sorted(members, key=lambda u: -_length(*units[u][2:]))
+        at = 0
+        while at < len(order):
+            width = max(1, _length(*units[order[at]][2:]) - shared)
+            batch = [units[u] for u in order[at : at + max(1, max_tokens // (width + shared))]]
+            rests = [(context[shared:], conts) for _, _, context, conts in batch]
+            for (r, choices, _, _), scores in zip(batch, _score_batch(model, rests, width, prefix)):
+                for j, lp, g in zip(choices, scores.logprobs, scores.greedy):
+                    logprobs[r][j], greedy[r][j] = lp, g
+            at += len(batch)
     return [ChoiceScores(lp, g) for lp, g in zip(logprobs, greedy)]
 
 
-def _score_batch(model, rows, width: int) -> list[ChoiceScores]:
+def _common_prefix(contexts: Sequence[Sequence[int]]) -> int:
+    """Length of the prefix all contexts share, leaving each at least its last token (the
+    predictor of its continuations' first)."""
+    n = min(len(c) for c in contexts) - 1
+    first = contexts[0]
+    for c in contexts[1:]:
+        n = next((i for i in range(n) if c[i] != first[i]), n)
+    return n
+
+
+def _prefix_cache(model, prefix: list[int]) -> KVCache:
+    device = model.tok_embeddings.weight.device
+    cache = KVCache.for_model(model, 1, len(prefix))
+    model(torch.tensor([prefix], device=device), cache=cache, last_only=True)
+    return cache
+
+
+def _score_batch(model, rows, width: int, prefix: KVCache | None = None) -> list[ChoiceScores]:
+    """One forward over `rows` laid out by `_row`, after `prefix`'s cached tokens (which every
+    row sees whole) when there is one."""
     device = model.tok_embeddings.weight.device
     built = [_row(*row) for row in rows]
-    n = len(built)
+    n, shared = len(built), 0 if prefix is None else prefix.length
     tokens = torch.zeros(n, width, dtype=torch.long)
     positions = torch.zeros(n, width, dtype=torch.long)
     branch = torch.full((n, width), -1, dtype=torch.long)
@@ -140,9 +173,18 @@ def _score_batch(model, rows, width: int) -> list[ChoiceScores]:
         for pred in predictors:
             keep[r, pred] = True
     index = (keep.flatten().cumsum(0) - 1).view(n, width)
+    cache = None
+    if prefix is not None:
+        cache = KVCache.for_model(model, n, shared + width)
+        for layer in range(len(cache.keys)):
+            cache.keys[layer][:, :, :shared] = prefix.keys[layer]
+            cache.values[layer][:, :, :shared] = prefix.values[layer]
+        cache.advance(shared)
+        mask = torch.cat([torch.ones(n, width, shared, dtype=torch.bool), mask], dim=2)
     logits = model(
-        tokens.to(device), positions.to(device), mask[:, None].to(device), keep=keep.to(device)
-    )
+        tokens.to(device), (positions + shared).to(device), mask[:, None].to(device),
+        cache=cache, keep=keep.to(device),
+    )  # fmt: skip
     logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
     out = []
     for r, (_, _, _, predictors) in enumerate(built):

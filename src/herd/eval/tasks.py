@@ -232,15 +232,15 @@ def write_lm_eval_task(
     name: str, shots: int, directory: str | Path, limit: int | None = None,
     max_new_tokens: int = 256,
 ) -> str:  # fmt: skip
-    """A herd task as a local lm-eval task (`NAME.jsonl` and `herd_NAME.yaml` in `directory`,
-    for `--include_path`): the same prompts, choices and stop strings, so lm-eval's backends
-    score exactly what `herd eval` scores. Returns the lm-eval task name."""
+    """A herd task as a local lm-eval task: JSONL data and a YAML in `directory` (for
+    `--include_path`), with the same prompts, choices and stop strings, so lm-eval's backends
+    score exactly what `herd eval` scores. Returns the lm-eval task's name."""
     task = get_task(name)
     items = task.load(shots)[:limit]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    data = directory / f"{name}.jsonl"
-    lm_name = f"herd_{name}"
+    lm_name = f"herd_{name}" if shots == task.shots[0] else f"herd_{name}_{shots}shot"
+    data = directory / f"{lm_name}.jsonl"
     head = (
         f"task: {lm_name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {json.dumps(str(data))}\ntest_split: test\n"
@@ -248,7 +248,8 @@ def write_lm_eval_task(
     if task.kind == "choice":
         rows = [{"context": q.context, "choices": list(q.choices), "gold": q.gold} for q in items]
         body = (
-            'output_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
+            # herd's continuations carry their own leading space
+            'output_type: multiple_choice\ntarget_delimiter: ""\ndoc_to_text: "{{context}}"\n'
             'doc_to_choice: "{{choices}}"\ndoc_to_target: gold\n'
             "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
         )

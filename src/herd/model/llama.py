@@ -203,7 +203,7 @@ class Transformer(nn.Module):
         for name, layer in self.layers.items():
             h = layer(h, cos, sin, mask, partial(cache.update, int(name)))
         cache.advance(seqlen)
-        return self._logits(h, last_only)
+        return self._logits(h if keep is None else h[keep], last_only)
 
     def _forward(
         self,
