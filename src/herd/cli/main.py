@@ -37,7 +37,7 @@ app.command()(serve_cli.serve)
 app.command()(data_cli.tokenize)
 app.command()(train_cli.pretrain)
 app.command()(train_cli.export)
-app.command("eval")(eval_cli.eval_)
+app.add_typer(eval_cli.app, name="eval")
 app.command(
     "lm-eval",
     context_settings={

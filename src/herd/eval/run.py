@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from herd.eval.batch import complete, fit
+from herd.eval.niah import run_niah
 from herd.eval.score import (
     answer_metrics,
     choice_metrics,
@@ -26,11 +28,18 @@ def evaluate(
     max_new_tokens: int = 256,
     overflow: str = "skip",
     max_batch: int = 32,
+    lengths: Sequence[int] | None = None,
+    trials: int = 1,
+    controls: bool = False,
 ) -> dict:
     """Scores of one task on a `herd.Llama`: metrics (mean, stderr, n), per-item records and
     `skipped`, the items whose prompt does not fit the model's window. `limit` takes the
     task's first items; `shots` defaults to the task's first setting. overflow "truncate"
-    scores those items on their prompt's last tokens instead of skipping them."""
+    scores those items on their prompt's last tokens instead of skipping them.
+
+    Needle in a haystack takes `lengths` (default: 256 doubling to the window), `trials` per
+    (length, depth) cell and, with `controls`, scores prompts whose needles carry other
+    values too."""
     spec = get_task(task)
     shots = spec.shots[0] if shots is None else shots
     if shots not in spec.shots:
@@ -39,6 +48,11 @@ def evaluate(
         )
     if overflow not in OVERFLOW:
         raise ValueError(f"overflow must be one of {', '.join(OVERFLOW)}, not {overflow!r}")
+    if spec.kind == "niah":
+        needles, retrieve = spec.needles
+        result = run_niah(llama, lengths, needles=needles, retrieve=retrieve, trials=trials,
+                          controls=controls)  # fmt: skip
+        return {"task": task, "shots": 0, "skipped": 0, **result}
     items = spec.load(shots)[:limit]
     window = llama.max_seq_len
     if spec.kind == "choice":

@@ -245,7 +245,10 @@ def answer_metrics(problems: Sequence[Problem], outputs: Sequence[str]) -> dict:
     for p, text in zip(problems, outputs):
         predicted = extract_answer(text)
         correct.append(predicted == p.answer)
-        records.append({"id": p.id, "target": p.answer, "prediction": predicted, "output": text})
+        records.append(
+            {"id": p.id, "target": p.answer, "prediction": predicted, "output": text,
+             "correct": predicted == p.answer}
+        )  # fmt: skip
     return {"exact_match": summary(correct), "records": records}
 
 
@@ -265,7 +268,9 @@ def code_metrics(
     for p, text in zip(problems, outputs):
         outcome = run_program(p.program(text), timeout=timeout)
         passed.append(outcome.passed)
-        records.append({"id": p.id, "completion": text, "status": outcome.status})
+        records.append(
+            {"id": p.id, "completion": text, "status": outcome.status, "correct": outcome.passed}
+        )
     return {"pass@1": summary(passed), "records": records}
 
 

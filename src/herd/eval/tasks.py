@@ -42,11 +42,12 @@ class Problem:
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str  # "choice" | "generate" | "code"
-    load: Callable[[int], list]  # shots -> items
+    kind: str  # "choice" | "generate" | "code" | "niah"
+    load: Callable[[int], list] | None  # shots -> items (None: built for each model)
     shots: tuple[int, ...] = (0,)
     stop: tuple[str, ...] = ()
     description: str = ""
+    needles: tuple[int, int] = (1, 1)  # niah: inserted, asked
 
 
 class UnknownTask(ValueError):
@@ -221,6 +222,13 @@ TASKS["humaneval"] = Task(
     description="HumanEval (164), completions run in a sandbox, pass@1",
 )
 
+TASKS["niah"] = Task(
+    "niah", "niah", None, description="needle in a haystack, depths x lengths up to the window"
+)
+TASKS["niah_multi"] = Task(
+    "niah_multi", "niah", None, needles=(4, 2), description="4 needles inserted, 2 asked"
+)
+
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
@@ -236,6 +244,8 @@ def write_lm_eval_task(
     `--include_path`), with the same prompts, choices and stop strings, so lm-eval's backends
     score exactly what `herd eval` scores. Returns the lm-eval task's name."""
     task = get_task(name)
+    if task.load is None:
+        raise ValueError(f"{name} is built for each model; it does not export")
     items = task.load(shots)[:limit]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
