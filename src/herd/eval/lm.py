@@ -51,7 +51,7 @@ class HerdLM(TemplateLM):
         adapter: str | None = None,
         max_length: int | None = None,
         add_bos_token: bool | None = None,
-        max_tokens: int = 4096,
+        max_tokens: int = 1024,
         seed: int = 1234,
         batch_size: int | str | None = None,
         max_batch_size: int | None = None,

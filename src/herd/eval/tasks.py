@@ -9,6 +9,7 @@ exact match on the extracted number. A new task is one entry in TASKS.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.metadata
 import json
@@ -199,15 +200,31 @@ CHOICE_TASKS = {
     "openbookqa": "OpenBookQA",
     "csqa": "CommonsenseQA",
 }
+
+
+def _cached(load: Callable[[int], list]) -> Callable[[int], list]:
+    """A loader that reads its files once per setting (items are frozen; callers get a copy
+    of the list). `.cache_clear()` forgets them."""
+    once = functools.lru_cache(maxsize=None)(lambda shots: tuple(load(shots)))
+
+    def cached(shots: int) -> list:
+        return list(once(shots))
+
+    cached.cache_clear = once.cache_clear
+    return cached
+
+
 TASKS: dict[str, Task] = {
-    name: Task(name, "choice", oe_choice_task(name), (0, 5), description=text)
+    name: Task(name, "choice", _cached(oe_choice_task(name)), (0, 5), description=text)
     for name, text in CHOICE_TASKS.items()
 }
-TASKS["mmlu"] = Task("mmlu", "choice", mmlu, (0, 5), description="MMLU test, 57 subjects (14,042)")
+TASKS["mmlu"] = Task(
+    "mmlu", "choice", _cached(mmlu), (0, 5), description="MMLU test, 57 subjects (14,042)"
+)
 TASKS["gsm8k"] = Task(
     "gsm8k",
     "generate",
-    gsm8k,
+    _cached(gsm8k),
     (5, 0),
     stop=("\n\nQuestion:", "\n\n"),
     description="GSM8K test (1,319), chain of thought, exact match",
@@ -216,7 +233,7 @@ TASKS["gsm8k"] = Task(
 TASKS["humaneval"] = Task(
     "humaneval",
     "code",
-    humaneval,
+    _cached(humaneval),
     (0,),
     stop=("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "),
     description="HumanEval (164), completions run in a sandbox, pass@1",
