@@ -65,9 +65,11 @@ demo: $(STAMP)
 	$(HERD) synth-task $(SFT)
 	$(HERD) finetune recipes/sft-smollm2.toml --set run.log_every=8
 	$(HERD) chat -m smollm2 --adapter $(SFT)/run/adapter --message "Convert 7 km to m." --temperature 0 -n 16
-	# evaluation: SmolLM2 before and after that fine-tuning on 100 ARC-Easy questions (acc, acc_norm, stderr)
-	$(HERD) eval -m smollm2 --tasks arc_easy --limit 100
-	$(HERD) eval -m smollm2 --adapter $(SFT)/run/adapter --tasks arc_easy --limit 100
+	# evaluation: the tiny model's perplexity on held-out Hamlet; SmolLM2 before and after that
+	# fine-tuning on 100 ARC-Easy and 100 PIQA questions, and its needle-in-a-haystack heat map
+	$(HERD) eval -m $(TINY)/hf --perplexity $(TINY)/shards/valid
+	$(HERD) eval -m smollm2 --tasks arc_easy,piqa,niah --limit 100 --lengths 256,512,1024 --out $(OUT)/eval
+	$(HERD) eval -m smollm2 --adapter $(SFT)/run/adapter --tasks arc_easy,piqa --limit 100
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

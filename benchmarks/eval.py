@@ -11,6 +11,15 @@ as its users run it, timed inside its request methods (task building excluded). 
 twice: `herd eval` (`evaluate`), and the same lm-eval run with herd's backend (`HerdLM`). Multiple
 choice must agree (same accuracy, every log-likelihood within 1e-3) or the run stops; for
 generation the table shows how many greedy outputs are identical.
+
+Measured on this project's 2-core machine (defaults):
+
+| task | shots | n | herd eval ex/s | lm-eval --model herd ex/s | lm-eval hf ex/s | speed-up | agreement |
+|---|---:|---:|---:|---:|---:|---:|---|
+| MMLU | 5 | 48 | 4.61 | 5.32 | 0.94 | 4.91x | acc 35.4% both, max gap 1.3e-5 |
+| MMLU | 0 | 48 | 6.48 | 5.61 | 4.37 | 1.48x | acc 20.8% both, max gap 3.1e-5 |
+| ARC-Challenge | 0 | 48 | 6.32 | 7.54 | 2.46 | 2.57x | acc 39.6% both, max gap 4.2e-5 |
+| GSM8K (greedy, 160 tokens) | 5 | 32 | 0.47 | 0.50 | 0.18 | 2.61x | 32/32 outputs identical |
 """
 
 from __future__ import annotations

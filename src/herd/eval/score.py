@@ -132,7 +132,7 @@ def score_rows(
         at = 0
         while at < len(order):
             width = max(1, _length(*units[order[at]][2:]) - shared)
-            batch = [units[u] for u in order[at : at + max(1, max_tokens // (width + shared))]]
+            batch = [units[u] for u in order[at : at + max(1, max_tokens // width)]]
             rests = [(context[shared:], conts) for _, _, context, conts in batch]
             for (r, choices, _, _), scores in zip(batch, _score_batch(model, rests, width, prefix)):
                 for j, lp, g in zip(choices, scores.logprobs, scores.greedy):
