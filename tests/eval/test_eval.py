@@ -68,6 +68,17 @@ def test_choice_logprobs_equal_transformers_one_choice_at_a_time(
     assert ours_acc == sum(picks) / len(picks)
 
 
+def test_choice_tasks_hold_each_question_once():
+    """oe_eval's request files also hold every question's choices after a bare "Answer:"
+    (for unconditioned normalisation); those are not questions."""
+    sizes = {"arc_challenge": 299, "arc_easy": 570, "piqa": 1838, "hellaswag": 10042, "boolq": 3270}
+    for task, n in sizes.items():
+        questions = get_task(task).load(0)
+        assert len(questions) == n, task
+        assert all(q.context.strip() != "Answer:" for q in questions)
+        assert len({q.context for q in questions}) > 0.95 * n
+
+
 def test_batched_scores_do_not_depend_on_the_batch(smollm2):
     """Several questions per forward (padding, masks) give each one's scores alone."""
     questions = get_task("piqa").load(0)[:5]

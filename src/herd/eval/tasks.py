@@ -76,6 +76,9 @@ def _requests(task: str, variant: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+UNCONDITIONED = 1_000_000
+
+
 def oe_choice_task(task: str) -> Callable[[int], list[Question]]:
     """Questions of an oe_eval ranked-classification ("rc") task: its own contexts and choice
     continuations, grouped by document."""
@@ -83,7 +86,10 @@ def oe_choice_task(task: str) -> Callable[[int], list[Question]]:
     def load(shots: int) -> list[Question]:
         by_doc: dict[int, list[dict]] = {}
         for r in _requests(task, f"rc_{shots}shot"):
-            by_doc.setdefault(r["doc_id"], []).append(r)
+            # doc ids from UNCONDITIONED up are the same choices after a bare "Answer:"
+            # (oe_eval's unconditioned normalisation), not questions
+            if r["doc_id"] < UNCONDITIONED:
+                by_doc.setdefault(r["doc_id"], []).append(r)
         questions = []
         for doc_id, rows in sorted(by_doc.items()):
             rows.sort(key=lambda r: r["idx"])
