@@ -115,6 +115,14 @@ def test_gsm8k_runs_and_scores_exact_match(smollm2):
         assert record["target"].lstrip("-").isdigit()
 
 
+def test_gsm8k_as_a_chat_question(smollm2):
+    result = evaluate(smollm2, "gsm8k", limit=2, shots=0, max_new_tokens=48, chat=True)
+    assert result["exact_match"]["n"] == 2
+    for record in result["records"]:
+        assert record["output"].strip() and "<|im_" not in record["output"]
+        assert record["prediction"] == extract_answer(record["output"])
+
+
 def test_a_window_shorter_than_the_prompts_skips_and_counts_or_truncates(smollm2):
     """Items that do not fit are skipped and counted; with overflow="truncate" they are scored
     on the prompt's last tokens, as transformers scores the same truncated input."""

@@ -97,7 +97,9 @@ def test_greedy_generation_equals_the_hf_backend(both):
     a, b = _responses(ours, "herd_gsm8k_0shot"), _responses(theirs, "herd_gsm8k_0shot")
     assert a == b and len(a) == 4 and all(text[0].strip() for text in a)
     metric = "exact_match,none"
-    assert ours["results"]["herd_gsm8k_0shot"][metric] == theirs["results"]["herd_gsm8k_0shot"][metric]
+    assert (
+        ours["results"]["herd_gsm8k_0shot"][metric] == theirs["results"]["herd_gsm8k_0shot"][metric]
+    )
 
 
 def test_rolling_loglikelihood_equals_the_hf_backend(both):

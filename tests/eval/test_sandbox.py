@@ -77,3 +77,15 @@ def test_code_metrics_score_what_the_model_completes():
     result = code_metrics(problems, outputs)
     assert result["pass@1"]["mean"] == 0.5 and result["pass@1"]["n"] == 6
     assert [r["status"] for r in result["records"]] == ["passed", "failed"] * 3
+
+
+def test_chat_replies_run_their_fenced_code():
+    """A reply that writes the whole function in a fenced block replaces the prompt's stub;
+    prose around the block is ignored; a reply with the wrong function leaves the stub."""
+    from herd.eval.score import code_metrics
+
+    problems = humaneval(0)[:4]
+    replies = [f"Here it is:\n```python\n{p.prompt}{p.canonical}```\nDone." for p in problems]
+    assert code_metrics(problems, replies, replies=True)["pass@1"]["mean"] == 1.0
+    wrong = ["Sure!\n```python\ndef unrelated():\n    return 1\n```"] * 4
+    assert code_metrics(problems, wrong, replies=True)["pass@1"]["mean"] == 0.0

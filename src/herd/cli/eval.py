@@ -72,6 +72,13 @@ def eval_(
             help="NIAH context lengths, comma-separated. Default: 256 doubling to the window."
         ),
     ] = None,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="Generative tasks: the prompt as a user message in the model's chat format.",
+        ),
+    ] = False,
     trials: Annotated[int, typer.Option(help="NIAH: needles per (length, depth) cell.")] = 1,
     controls: Annotated[
         bool,
@@ -126,7 +133,7 @@ def eval_(
         try:
             result = evaluate(
                 llama, name, limit, shots, max_new_tokens, overflow,
-                lengths=niah_lengths, trials=trials, controls=controls,
+                lengths=niah_lengths, trials=trials, controls=controls, chat=chat,
             )  # fmt: skip
             results.append(result)
         except (UnknownTask, FileNotFoundError, ValueError) as e:

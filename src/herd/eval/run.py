@@ -31,6 +31,7 @@ def evaluate(
     lengths: Sequence[int] | None = None,
     trials: int = 1,
     controls: bool = False,
+    chat: bool = False,
 ) -> dict:
     """Scores of one task on a `herd.Llama`: metrics (mean, stderr, n), per-item records and
     `skipped`, the items whose prompt does not fit the model's window. `limit` takes the
@@ -39,7 +40,10 @@ def evaluate(
 
     Needle in a haystack takes `lengths` (default: 256 doubling to the window), `trials` per
     (length, depth) cell and, with `controls`, scores prompts whose needles carry other
-    values too."""
+    values too.
+
+    chat: a generative task's prompt goes to the model as one user message in its chat format
+    (and a code reply's fenced block is what runs)."""
     spec = get_task(task)
     shots = spec.shots[0] if shots is None else shots
     if shots not in spec.shots:
@@ -62,11 +66,24 @@ def evaluate(
         result = choice_metrics([items[i] for i in kept], scores)
     else:
         max_new_tokens = min(max_new_tokens, window - 1)
-        prompts = [fit(llama.encode(p.prompt), window - max_new_tokens, overflow) for p in items]
+        encode = _as_user_message(llama) if chat else llama.encode
+        prompts = [fit(encode(p.prompt), window - max_new_tokens, overflow) for p in items]
         kept = [i for i, ids in enumerate(prompts) if ids is not None]
+        stop = () if chat else spec.stop  # a chat reply ends at the end-of-turn token
         done = complete(
-            llama, [prompts[i] for i in kept], max_new_tokens, spec.stop, max_batch=max_batch
+            llama, [prompts[i] for i in kept], max_new_tokens, stop, max_batch=max_batch
         )
-        metrics = code_metrics if spec.kind == "code" else answer_metrics
-        result = metrics([items[i] for i in kept], [d.text for d in done])
+        texts = [d.text for d in done]
+        if spec.kind == "code":
+            result = code_metrics([items[i] for i in kept], texts, replies=chat)
+        else:
+            result = answer_metrics([items[i] for i in kept], texts)
     return {"task": task, "shots": shots, "skipped": len(items) - len(kept), **result}
+
+
+def _as_user_message(llama):
+    def encode(prompt: str) -> list[int]:
+        message = {"role": "user", "content": prompt.strip()}
+        return llama.chat_format.encode_dialog([message], add_generation_prompt=True)
+
+    return encode

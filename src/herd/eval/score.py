@@ -267,17 +267,30 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def code_metrics(
-    problems: Sequence[CodeProblem], outputs: Sequence[str], timeout: float = 10.0
-) -> dict:
-    """Each completion executed with its problem's tests in the sandbox: pass@1."""
+    problems: Sequence[CodeProblem], outputs: Sequence[str], timeout: float = 10.0,
+    replies: bool = False,
+) -> dict:  # fmt: skip
+    """Each completion executed with its problem's tests in the sandbox: pass@1. replies: the
+    outputs are chat replies, whose first fenced code block (or whole text) follows the prompt,
+    so a reply that rewrites the whole function replaces the prompt's stub."""
     passed, records = [], []
     for p, text in zip(problems, outputs):
-        outcome = run_program(p.program(text), timeout=timeout)
+        code = "\n" + fenced_code(text) if replies else text
+        outcome = run_program(p.program(code), timeout=timeout)
         passed.append(outcome.passed)
         records.append(
             {"id": p.id, "completion": text, "status": outcome.status, "correct": outcome.passed}
         )
     return {"pass@1": summary(passed), "records": records}
+
+
+FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def fenced_code(text: str) -> str:
+    """The first ``` fenced block of a reply (an unclosed one runs to the end), else the text."""
+    found = FENCE.search(text)
+    return found.group(1) if found else text
 
 
 def summary(correct: Sequence[bool], resamples: int = 1000, seed: int = 0) -> dict:
