@@ -46,7 +46,7 @@ def complete(
     ]
     engine.start()
     try:
-        shared = _common_prefix(prompts)
+        shared = list(prompts[0][: common_prefix(prompts)]) if prompts else []
         if len(prompts) > 1 and len(shared) > engine.cache.blocks.block_size:
             # Computed alone first, the shared few-shot prefix is in the prefix cache before
             # the first batch is admitted (admitted together, every row would compute it).
@@ -69,23 +69,17 @@ def complete(
     return done
 
 
-def _common_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
-    if not prompts:
-        return []
-    first = list(prompts[0])
-    n = min(len(p) for p in prompts)
-    for p in prompts[1:]:
-        n = next((i for i in range(n) if p[i] != first[i]), n)
-    return first[:n]
+def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all (one or more) sequences share."""
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+    return n
 
 
 def fit(ids: list[int], room: int, overflow: str) -> list[int] | None:
     """A prompt cut to `room` tokens: its last ones when overflow is "truncate", None (skip it)
-    when "skip"."""
+    when "skip" (evaluate checks the choice)."""
     if len(ids) <= room:
         return ids
-    if overflow == "truncate":
-        return ids[-room:]
-    if overflow == "skip":
-        return None
-    raise ValueError(f"overflow must be 'skip' or 'truncate', not {overflow!r}")
+    return ids[-room:] if overflow == "truncate" else None

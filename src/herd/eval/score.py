@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from herd.eval.batch import common_prefix
 from herd.eval.sandbox import run_program
 from herd.eval.tasks import CodeProblem, Problem, Question
 from herd.infer.cache import KVCache
@@ -126,7 +127,9 @@ def score_rows(
     logprobs: list[list[float]] = [[0.0] * len(conts) for _, conts in rows]
     greedy: list[list[bool]] = [[False] * len(conts) for _, conts in rows]
     for key, members in groups.items():
-        shared = _common_prefix([units[u][2] for u in members]) if key else 0
+        contexts = [units[u][2] for u in members]
+        # each context keeps at least its last token, the predictor of its first choice token
+        shared = min(common_prefix(contexts), min(map(len, contexts)) - 1) if key else 0
         prefix = _prefix_cache(model, units[members[0]][2][:shared]) if shared else None
         order = sorted(members, key=lambda u: -_length(*units[u][2:]))
         at = 0
@@ -139,16 +142,6 @@ def score_rows(
                     logprobs[r][j], greedy[r][j] = lp, g
             at += len(batch)
     return [ChoiceScores(lp, g) for lp, g in zip(logprobs, greedy)]
-
-
-def _common_prefix(contexts: Sequence[Sequence[int]]) -> int:
-    """Length of the prefix all contexts share, leaving each at least its last token (the
-    predictor of its continuations' first)."""
-    n = min(len(c) for c in contexts) - 1
-    first = contexts[0]
-    for c in contexts[1:]:
-        n = next((i for i in range(n) if c[i] != first[i]), n)
-    return n
 
 
 def _prefix_cache(model, prefix: list[int]) -> KVCache:
