@@ -11,7 +11,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "herd"
 
 # STYLE.md's order: config -> tokenizer, model -> checkpoint, data, quantize, adapters ->
-# train, infer -> serve -> eval (it generates through the serving engine) -> finetune -> cli.
+# train, infer -> serve -> eval (it generates through the serving engine) -> finetune ->
+# align (preference tuning on the fine-tuning Trainer) -> cli.
 # Packages on one layer do not import each other either.
 LAYERS = {
     "config": 0,
@@ -26,7 +27,8 @@ LAYERS = {
     "serve": 4,
     "eval": 5,
     "finetune": 6,
-    "cli": 7,
+    "align": 7,
+    "cli": 8,
 }
 
 

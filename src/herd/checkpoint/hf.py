@@ -269,8 +269,10 @@ def save_hf(
     *,
     max_shard_bytes: int = 5 * 2**30,
     progress: Callable[[Iterable[str]], Iterable[str]] = iter,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> list[Path]:
-    """Write Meta-named `state` as a transformers-loadable directory; returns the files written."""
+    """Write Meta-named `state` as a transformers-loadable directory; returns the files written.
+    `extra` tensors are stored under their own (HF) names, e.g. a classifier's `score.weight`."""
     path.mkdir(parents=True, exist_ok=True)
     dtype = state["tok_embeddings.weight"].dtype
     tensors: dict[str, torch.Tensor] = {}
@@ -282,6 +284,7 @@ def save_hf(
         tensors[NAMES.to_other(name)] = tensor.contiguous()
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    tensors.update({name: t.contiguous() for name, t in (extra or {}).items()})
 
     shards = _split_shards(tensors, max_shard_bytes)
     written = [path / CONFIG_FILE]

@@ -27,7 +27,7 @@ from herd.config.adapter import LoraConfig
 from herd.config.train import SECTIONS, ConfigError, TrainConfig, _build, validate
 
 METHODS = ("full", "lora", "qlora")
-FORMATS = ("chat", "sharegpt", "text")
+FORMATS = ("chat", "sharegpt", "text", "preference")
 DEFAULT_LR = {"full": 1e-5, "lora": 2e-4, "qlora": 2e-4}
 
 
@@ -89,8 +89,13 @@ class FinetuneConfig(TrainConfig):
 FINETUNE_SECTIONS = {**SECTIONS, "data": SFTDataConfig, "finetune": FinetuneSection}
 
 
-def finetune_from_dict(raw: dict[str, Any]) -> FinetuneConfig:
-    known = set(FINETUNE_SECTIONS) | {"lora"}
+def finetune_from_dict(
+    raw: dict[str, Any], cls: type[FinetuneConfig] | None = None, extra: dict[str, type] | None = None
+) -> FinetuneConfig:
+    """A fine-tuning recipe; `cls` and its `extra` sections build the recipes that extend it
+    (herd.config.align's DPO and reward-model recipes)."""
+    cls, extra = cls or FinetuneConfig, extra or {}
+    known = set(FINETUNE_SECTIONS) | {"lora"} | set(extra)
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(
@@ -101,12 +106,13 @@ def finetune_from_dict(raw: dict[str, Any]) -> FinetuneConfig:
     if "targets" in lora:
         lora["targets"] = tuple(lora["targets"])
     sections["lora"] = _build(LoraConfig, lora, "lora")
+    sections.update({n: _build(c, raw.get(n, {}), n) for n, c in extra.items()})
     method = sections["finetune"].method
     if method in DEFAULT_LR and "lr" not in raw.get("optim", {}):
         sections["optim"] = dataclasses.replace(
             sections["optim"], lr=DEFAULT_LR[method], min_lr=0.1 * DEFAULT_LR[method]
         )
-    config = FinetuneConfig(model={}, **sections)
+    config = cls(model={}, **sections)
     validate_finetune(config)
     return config
 

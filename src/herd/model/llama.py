@@ -213,6 +213,27 @@ class Transformer(nn.Module):
         last_only: bool,
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        h = self._blocks(tokens, positions, mask)
+        if self.norm is None:  # a pipeline stage before the last: hidden states out
+            return h
+        return self._logits(h if keep is None else h[keep], last_only)
+
+    def final_hidden(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        mask: AttentionMask = None,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The normed last hidden states (those the output layer reads) of the `keep`
+        positions, (n kept, dim), or of all, (batch, seq, dim): a reward model's head reads
+        them instead of the vocabulary logits."""
+        h = self._blocks(tokens, positions, mask)
+        return self.norm(h if keep is None else h[keep])
+
+    def _blocks(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None, mask: AttentionMask
+    ) -> torch.Tensor:
         if self.tok_embeddings is None:  # a pipeline stage after the first: hidden states in
             h = tokens
         elif tokens.dim() == 2:
@@ -227,9 +248,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, inv_freq)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
-        if self.norm is None:  # a pipeline stage before the last: hidden states out
-            return h
-        return self._logits(h if keep is None else h[keep], last_only)
+        return h
 
     def _logits(self, h: torch.Tensor, last_only: bool) -> torch.Tensor:
         if last_only:

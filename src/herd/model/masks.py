@@ -38,3 +38,16 @@ def document_block_mask(doc_ids: torch.Tensor, block_size: int = 128) -> BlockMa
     return create_block_mask(
         same_document_causal, batch, None, seq, seq, device=doc_ids.device, BLOCK_SIZE=block_size
     )
+
+
+def shared_prompt_mask(groups: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) bool for SDPA over rows that pack a prompt and its responses: the
+    query at position i sees the key at j <= i of the same group when the key is in the
+    group's prompt (part 0) or in the query's own response (the same part). Each response then
+    computes as if it followed the prompt alone, and the prompt is encoded once for all."""
+    seq = groups.shape[1]
+    every = torch.arange(seq, device=groups.device)
+    causal = every[None, :] <= every[:, None]
+    same_group = groups[:, :, None] == groups[:, None, :]
+    visible = (parts[:, None, :] == 0) | (parts[:, :, None] == parts[:, None, :])
+    return (same_group & visible & causal)[:, None]

@@ -352,6 +352,15 @@ class Trainer:
             logits = self._forward(tokens, positions, mask, keep=keep)
         return token_cross_entropy(logits, targets)
 
+    def _items(self, batch: Batch) -> int:
+        """What the loss of a batch is the mean over: here its trained tokens (preference
+        tuning counts pairs)."""
+        return int((batch.targets != IGNORE).sum())
+
+    def _step_metrics(self) -> dict[str, float]:
+        """Records of the last step beyond the loss (preference tuning's reward margins)."""
+        return {}
+
     def _pipeline_loss(self, batches: list[Batch], training: bool) -> torch.Tensor:
         """The batches as the micro-batches of one pipeline schedule run (backward included
         when training): their mean loss on the last stage, zero on the other stages."""
@@ -387,12 +396,12 @@ class Trainer:
         else:
             total = torch.zeros((), device=self.device)
             batches = [next(self._batches) for _ in range(accum)]
-            counted = [int((b.targets != IGNORE).sum()) for b in batches]
+            counted = [self._items(b) for b in batches]
             for batch, n in zip(batches, counted):
                 if n == 0:
                     continue
-                # each micro-batch weighs by the tokens it trains on: the step's loss is the
-                # mean over all of them (masked SFT rows train on unequal numbers)
+                # each micro-batch weighs by the items (tokens) it trains on: the step's loss
+                # is the mean over all of them (masked SFT rows train on unequal numbers)
                 loss = self.loss(batch) * (n / sum(counted))
                 loss.backward()
                 total += loss.detach()
@@ -564,6 +573,7 @@ class Trainer:
                     "peak_memory_gib": peak_memory_bytes(self.device) / 2**30,
                     "skipped": result.skipped,
                     "skipped_total": self.skipped,
+                    **self._step_metrics(),
                 }
                 if self.bad_in_row >= run.max_bad_steps:
                     self._log(record)
