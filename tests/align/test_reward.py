@@ -102,8 +102,10 @@ def test_export_matches_transformers_and_trl_loss(reward_model, preference_recor
     with torch.no_grad():
         hf_rewards = theirs(input_ids=ids, attention_mask=attention).logits.squeeze(-1)
     ours = torch.tensor(
-        [score_responses(back, tokenizer, r["prompt"], [r["chosen"], r["rejected"]])
-         for r in preference_records]
+        [
+            score_responses(back, tokenizer, r["prompt"], [r["chosen"], r["rejected"]])
+            for r in preference_records
+        ]
     )
     torch.testing.assert_close(ours.T.reshape(-1), hf_rewards, rtol=1e-5, atol=1e-5)
 
@@ -126,7 +128,8 @@ def test_export_matches_transformers_and_trl_loss(reward_model, preference_recor
 def trl_trainer(model, tmp_path):
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import RewardConfig, RewardTrainer as TRLRewardTrainer
+    from trl import RewardConfig
+    from trl import RewardTrainer as TRLRewardTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "rm"))
     args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False)

@@ -114,12 +114,17 @@ class Engine:
         prefill_chunk: int = 256,
         max_seq_len: int | None = None,
         cache_bytes: int = 512 * 2**20,
+        preempt: bool = True,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         # adapters attached to the model (herd.adapters.attach_adapters), by request index
         self.adapters = any(isinstance(m, MultiLoRALinear) for m in model.modules())
         self.max_batch = max_batch
+        # Without preemption a sequence is admitted only when the cache can hold its prompt
+        # and all max_tokens of output next to what the running ones may still grow to (the
+        # paper's rejection-sampling engine): nothing is ever recomputed, at some batch size.
+        self.preempt = preempt
         self.prefill_chunk = prefill_chunk
         self.max_seq_len = max_seq_len or model.config.max_seq_len
         dtype = model.tok_embeddings.weight.dtype
@@ -254,11 +259,16 @@ class Engine:
         blocks = self.cache.blocks
         while self._waiting and len(self._running) < self.max_batch:
             seq = self._waiting[0]
+            if self._first_choice_prefilling(seq):
+                return  # its prompt blocks will be in the prefix cache in a step or two
             seq.table, seq.names = blocks.cached_prefix(seq.tokens, _cache_root(seq))
             seq.computed = len(seq.table) * blocks.block_size
-            # Room for its first chunk, and a block each for the running ones to grow into.
-            first = min(seq.pending, self.prefill_chunk)
-            need = self._blocks_for(seq, first) + len(self._running)
+            if self.preempt:
+                # Room for its first chunk, and a block each for the running ones to grow into.
+                first = min(seq.pending, self.prefill_chunk)
+                need = self._blocks_for(seq, first) + len(self._running)
+            else:
+                need = sum(self._blocks_to_finish(s) for s in [seq, *self._running])
             if blocks.num_free < need and self._running:
                 self._release(seq)
                 seq.names, seq.computed = [], 0
@@ -268,6 +278,22 @@ class Engine:
             self.stats.prefix_blocks_hit += len(seq.table)
             self._waiting.pop(0)
             self._running.append(seq)
+
+    def _first_choice_prefilling(self, seq: _Sequence) -> bool:
+        """Whether `seq` is a later choice of a request whose first choice is still computing
+        the prompt's full blocks: admitted now, it would compute them again."""
+        if seq.index == 0:
+            return False
+        full = (len(seq.request.prompt) - 1) // self.cache.blocks.block_size
+        return any(
+            s.request is seq.request and s.index == 0 and len(s.names) < full for s in self._running
+        )
+
+    def _blocks_to_finish(self, seq: _Sequence) -> int:
+        """Blocks a sequence may still claim: its prompt and whole output budget, less the
+        blocks it holds."""
+        total = min(len(seq.request.prompt) + seq.request.max_tokens, self.max_seq_len)
+        return max(0, -(-total // self.cache.blocks.block_size) - len(seq.table))
 
     def _step(self) -> None:
         prefill = next((s for s in self._running if s.pending > 1), None)
@@ -387,9 +413,14 @@ def _cache_root(seq: _Sequence) -> tuple[str, int] | None:
     return None if seq.request.adapter is None else ("adapter", seq.request.adapter)
 
 
-def run_to_completion(engine: Engine, requests: Sequence[Request]) -> dict[str, list[list[Event]]]:
+def run_to_completion(
+    engine: Engine,
+    requests: Sequence[Request],
+    on_finish: Callable[[Event], None] | None = None,
+) -> dict[str, list[list[Event]]]:
     """Submit `requests` to a started engine and wait for all of them: each request's events,
-    per choice. For tests and offline batch jobs."""
+    per choice. on_finish(event) is called (from the engine thread) as each choice ends, for
+    progress bars. For tests and offline batch jobs."""
     done = threading.Semaphore(0)
     events: dict[str, list[list[Event]]] = {r.id: [[] for _ in range(r.n)] for r in requests}
     for request in requests:
@@ -397,6 +428,8 @@ def run_to_completion(engine: Engine, requests: Sequence[Request]) -> dict[str, 
         def on_event(event: Event) -> None:
             events[event.request_id][event.index].append(event)
             if event.finish_reason is not None:
+                if on_finish is not None:
+                    on_finish(event)
                 done.release()
 
         request.on_event = on_event
