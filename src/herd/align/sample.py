@@ -179,7 +179,8 @@ def rejection_sample(
 def write_samples(results: Sequence[Sampled], out: str | Path) -> dict[str, Path]:
     """OUT/samples.jsonl (every response with its scores), OUT/sft.jsonl (each prompt's best,
     as chat JSONL for herd finetune) and OUT/preferences.jsonl (best vs worst where their
-    scores differ, for herd dpo and herd reward train)."""
+    scores differ, for herd dpo and herd reward train). A prompt whose best response the
+    verifier finds wrong gives neither."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.jsonl" for name in ("samples", "sft", "preferences")}
@@ -195,14 +196,39 @@ def write_samples(results: Sequence[Sampled], out: str | Path) -> dict[str, Path
                 "verified": r.verified, "rewards": r.rewards or None, "best": r.best,
             }) + "\n")  # fmt: skip
             best, worst = r.best, r.worst
-            if r.verified[best] in (None, 1.0):  # a wrong best answer is no SFT target
-                sft.write(json.dumps({
-                    "messages": [*r.messages, {"role": "assistant", "content": r.responses[best]}],
-                    "score": list(keys[best]),
-                }) + "\n")  # fmt: skip
+            if r.verified[best] == 0.0:
+                continue  # a wrong best answer is no SFT target, nor a chosen response
+            sft.write(json.dumps({
+                "messages": [*r.messages, {"role": "assistant", "content": r.responses[best]}],
+                "score": list(keys[best]),
+            }) + "\n")  # fmt: skip
             if keys[best] > keys[worst]:
                 prefs.write(json.dumps({
                     "prompt": r.messages, "chosen": r.responses[best],
                     "rejected": r.responses[worst], "scores": [list(keys[best]), list(keys[worst])],
                 }) + "\n")  # fmt: skip
     return paths
+
+
+def read_samples(path: str | Path) -> list[Sampled]:
+    """The results `write_samples` wrote to OUT/samples.jsonl."""
+    results = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        prompt = Prompt(tuple(r["prompt"]), r.get("answer"), r.get("tests"))
+        results.append(
+            Sampled(prompt, r["system"], r["responses"], r["verified"], r["rewards"] or [])
+        )
+    return results
+
+
+def verified_pairs(results: Sequence[Sampled], per_prompt: int = 2) -> list[dict[str, Any]]:
+    """Preference records a verifier derives from samples: a right response over a wrong one,
+    up to `per_prompt` distinct pairs per prompt (reward-model training data)."""
+    records = []
+    for r in results:
+        right = list(dict.fromkeys(t for t, v in zip(r.responses, r.verified) if v == 1.0))
+        wrong = list(dict.fromkeys(t for t, v in zip(r.responses, r.verified) if v == 0.0))
+        for chosen, rejected in list(zip(right, wrong))[:per_prompt]:
+            records.append({"prompt": r.messages, "chosen": chosen, "rejected": rejected})
+    return records

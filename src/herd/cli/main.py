@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from herd.cli import align as align_cli
 from herd.cli import data as data_cli
 from herd.cli import eval as eval_cli
 from herd.cli import finetune as finetune_cli
@@ -50,6 +51,10 @@ app.command()(finetune_cli.finetune)
 app.command()(finetune_cli.merge)
 app.command("synth-task")(finetune_cli.synth_task)
 app.command()(finetune_cli.average)
+app.add_typer(align_cli.app, name="reward")
+app.command()(align_cli.sample)
+app.command()(align_cli.dpo)
+app.command()(align_cli.align)
 
 
 def _human_bytes(n: float) -> str:

@@ -106,6 +106,9 @@ def train(trainer, name: str) -> None:
                 f"loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['tokens_per_s']:,.0f} tok/s  "
                 f"MFU {100 * r['mfu']:.1f}%"
             )
+            for key, label in (("reward_accuracy", "reward acc"), ("pair_accuracy", "pair acc")):
+                if key in r:  # preference tuning's accuracy of the step's pairs
+                    stats += f"  {label} {100 * r[key]:.0f}%"
             bar.update(task, completed=step, stats=stats)
             if "val_loss" in r or step % every == 0:
                 line = f"step {step}: {stats}  grad norm {r['grad_norm']:.3f}"

@@ -90,7 +90,9 @@ FINETUNE_SECTIONS = {**SECTIONS, "data": SFTDataConfig, "finetune": FinetuneSect
 
 
 def finetune_from_dict(
-    raw: dict[str, Any], cls: type[FinetuneConfig] | None = None, extra: dict[str, type] | None = None
+    raw: dict[str, Any],
+    cls: type[FinetuneConfig] | None = None,
+    extra: dict[str, type] | None = None,
 ) -> FinetuneConfig:
     """A fine-tuning recipe; `cls` and its `extra` sections build the recipes that extend it
     (herd.config.align's DPO and reward-model recipes)."""

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from herd.adapters.lora import apply_lora, lora_state_dict, merge_lora
 from herd.checkpoint import load_model
 from herd.checkpoint.peft import save_peft_adapter
-from herd.config.finetune import FinetuneConfig, finetune_from_dict
+from herd.config.finetune import FINETUNE_SECTIONS, FinetuneConfig, finetune_from_dict
 from herd.config.train import ConfigError
 from herd.data.loader import EpochLoader
 from herd.finetune.data import encode_example, hold_out, mix, read_source
@@ -180,7 +180,9 @@ def load_finetuned(run_dir: str | Path, step: int | None = None) -> tuple[Transf
     folded into the base weights; returns it with the checkpoint it came from."""
     run_dir = Path(run_dir)
     saved = json.loads((run_dir / "config.json").read_text())
-    config = finetune_from_dict({k: v for k, v in saved.items() if k != "model"})
+    # the sections a fine-tuning run of any kind (SFT, DPO) shares; the rest are its own
+    shared = set(FINETUNE_SECTIONS) | {"lora"}
+    config = finetune_from_dict({k: v for k, v in saved.items() if k in shared})
     path = run_checkpoint(run_dir, step)
     model = load_base(config.finetune.base)
     if config.finetune.method != "full":
