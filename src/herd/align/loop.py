@@ -134,7 +134,7 @@ class Aligner:
             "finetune": {"base": str(base), "method": a.method},
             "data": {"sources": [str(data)], "tokenizer": str(base_tokenizer(a.base))},
             "run": {"dir": str(run_dir), "precision": a.precision, "seed": a.seed,
-                    "save_every": max(1, stage.steps // 4)},
+                    "log_every": a.log_every, "save_every": max(1, stage.steps // 4)},
             **stage.recipe(),
         }  # fmt: skip
         raw["batch"]["seq_len"] = a.seq_len

@@ -97,6 +97,7 @@ class AlignSection:
     seed: int = 0
     threads: int = 0
     precision: str = "fp32"
+    log_every: int = 1  # each training stage prints a step line this often
 
 
 @dataclass
