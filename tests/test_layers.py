@@ -12,7 +12,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "herd"
 
 # STYLE.md's order: config -> tokenizer, model -> checkpoint, data, quantize, adapters ->
 # train, infer -> serve -> eval (it generates through the serving engine) -> finetune ->
-# align (preference tuning on the fine-tuning Trainer) -> cli.
+# align (preference tuning on the fine-tuning Trainer), curate (datatrove steps; it tokenizes
+# through data) -> cli.
 # Packages on one layer do not import each other either.
 LAYERS = {
     "config": 0,
@@ -28,6 +29,7 @@ LAYERS = {
     "eval": 5,
     "finetune": 6,
     "align": 7,
+    "curate": 7,
     "cli": 8,
 }
 

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from herd.cli import align as align_cli
+from herd.cli import curate as curate_cli
 from herd.cli import data as data_cli
 from herd.cli import eval as eval_cli
 from herd.cli import finetune as finetune_cli
@@ -55,6 +56,7 @@ app.add_typer(align_cli.app, name="reward")
 app.command()(align_cli.sample)
 app.command()(align_cli.dpo)
 app.command()(align_cli.align)
+app.command()(curate_cli.curate)
 
 
 def _human_bytes(n: float) -> str:

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from herd.tokenizer.train import JSONL_SUFFIXES, PARQUET_SUFFIXES, corpus_files, read_documents
+from herd.tokenizer.train import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    corpus_files,
+    corpus_suffix,
+    read_documents,
+)
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,12 @@ def tokenize_corpus(
     listing.write_text(json.dumps(sources, indent=1) + "\n")
     stems = [out / f"{i:05d}" for i in range(len(files))]
     todo = [
-        (f, stem, str(tokenizer), 64 if f.suffix in JSONL_SUFFIXES + PARQUET_SUFFIXES else 1)
+        (
+            f,
+            stem,
+            str(tokenizer),
+            64 if corpus_suffix(f) in JSONL_SUFFIXES + PARQUET_SUFFIXES else 1,
+        )
         for f, stem in zip(files, stems)
         if not stem.with_suffix(".json").exists()
     ]

@@ -7,6 +7,7 @@ It is written as a Hugging Face tokenizer.json that `herd.load_tokenizer` and tr
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -16,9 +17,14 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from herd.tokenizer.llama3 import NAMED_SPECIAL_TOKENS, PATTERN, STOP_TOKENS
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
-JSONL_SUFFIXES = (".jsonl", ".json")
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet",)
 CORPUS_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+
+
+def corpus_suffix(path: Path) -> str:
+    """The suffix that says how to read `path` (".jsonl.gz" counts as one)."""
+    return ".jsonl.gz" if path.name.endswith(".jsonl.gz") else path.suffix
 
 
 def corpus_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -26,7 +32,7 @@ def corpus_files(paths: Iterable[str | Path]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in CORPUS_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if corpus_suffix(p) in CORPUS_SUFFIXES)
             if not found:
                 raise ValueError(
                     f"{path}: no .txt, .md, .jsonl or .parquet files in this directory"
@@ -44,7 +50,7 @@ def read_documents(files: Iterable[Path]) -> Iterator[str]:
     in its `text` field. A record without a string `text` (missing, null, another type) is an
     error naming the file and line or row; empty texts are passed on as they are."""
     for file in files:
-        if file.suffix in JSONL_SUFFIXES:
+        if corpus_suffix(file) in JSONL_SUFFIXES:
             yield from _jsonl_texts(file)
         elif file.suffix in PARQUET_SUFFIXES:
             yield from _parquet_texts(file)
@@ -53,7 +59,8 @@ def read_documents(files: Iterable[Path]) -> Iterator[str]:
 
 
 def _jsonl_texts(file: Path) -> Iterator[str]:
-    with file.open(encoding="utf-8") as f:
+    opener = gzip.open if file.name.endswith(".gz") else open
+    with opener(file, "rt", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -1,0 +1,93 @@
+"""`herd curate`: a web-data pipeline recipe on datatrove's executors."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from herd.cli.common import console, fail
+from herd.cli.train import Overrides
+
+
+def curate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe (TOML, see recipes/curate-web.toml).")],
+    set_: Overrides = None,
+    executor: Annotated[
+        str, typer.Option(help="local (processes), slurm (sbatch jobs) or ray (a Ray cluster).")
+    ] = "local",
+    tasks: Annotated[
+        int | None, typer.Option(help="Shards of the input (default: the recipe's).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Tasks run at once (default: the recipe's).")
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option(help="Delete the output and work folders first instead of resuming.")
+    ] = False,
+    partition: Annotated[
+        str | None, typer.Option(help="Slurm partition (--executor slurm).")
+    ] = None,
+    slurm_time: Annotated[
+        str, typer.Option(help="Slurm time limit of each job (--executor slurm).")
+    ] = "12:00:00",
+    quiet: Annotated[bool, typer.Option(help="Only the stats table, no datatrove logs.")] = True,
+) -> None:
+    """Curate web documents as the paper's §3.1 does: domain blocklist, HTML extraction, PII
+    masking, URL / MinHash / line dedup, repetition and dirty-word filters, the token KL
+    filter, language id, and token shards for `herd pretrain` -- the steps and their order
+    come from the recipe's [curate] steps, each step's parameters from its own table.
+
+    Running it again resumes: finished tasks are skipped. Removed documents go to
+    OUTPUT/excluded/STEP with their reason, per-step counts to OUTPUT/stats.json and the table.
+    """
+    from herd.config.curate import curate_from_dict
+    from herd.config.train import ConfigError, load_config
+    from herd.curate import pipeline
+
+    overrides = list(set_ or [])
+    overrides += [f"curate.tasks={tasks}"] if tasks else []
+    overrides += [f"curate.workers={workers}"] if workers else []
+    try:
+        config = load_config(recipe, overrides, build=curate_from_dict)
+        if fresh:
+            pipeline.clean(config)
+        if quiet:
+            logging.getLogger("trafilatura").setLevel(logging.ERROR)
+        console.print(
+            f"[bold]curate[/]: {' -> '.join(config.curate.steps)} on {config.curate.input} "
+            f"({config.curate.tasks} tasks, {config.curate.workers} at a time, {executor})"
+        )
+        start = time.perf_counter()
+        options = {"partition": partition, "time": slurm_time} if partition else {}
+        if executor == "slurm" and not partition:
+            fail("--executor slurm needs --partition")
+        pipeline.run(config, executor, quiet=quiet, **options)
+        seconds = time.perf_counter() - start
+    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
+        fail(str(e))
+    if executor == "slurm":
+        console.print(f"submitted; logs under {config.work_dir()}/logs")
+        return
+    steps = pipeline.collect_stats(config)
+    print_stats(steps, seconds)
+    console.print(f"documents in {config.curate.output}/documents; stats in "
+                  f"{pipeline.write_stats(config, steps)}")  # fmt: skip
+
+
+def print_stats(steps, seconds: float) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"herd curate: documents per step ({seconds:.0f} s)")
+    for column in ("step", "in", "out", "s"):
+        table.add_column(column, justify="left" if column == "step" else "right")
+    table.add_column("removed (reason: documents); other counts")
+    for s in steps:
+        removed = [f"{k}: {v:,}" for k, v in sorted(s.removed.items(), key=lambda x: -x[1])]
+        other = [f"{k}: {v:,}" for k, v in s.other.items()]
+        table.add_row(s.step, f"{s.docs_in:,}", f"{s.docs_out:,}", f"{s.seconds:.1f}",
+                      "; ".join(x for x in (", ".join(removed), ", ".join(other)) if x))  # fmt: skip
+    console.print(table)
