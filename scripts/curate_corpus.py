@@ -14,6 +14,7 @@ HTML pages. Planted, for the steps to find (their URLs are listed in OUT/manifes
 - dirty: pages full of words from datatrove's banned-word list (read at build time);
 - blocked: pages on a domain (and a subdomain of one) of datatrove's adult-domain list;
 - foreign: a page in German and one in Russian; pii: a page with emails, phones and IPs;
+- contaminated: pages quoting GSM8K test problems with their solutions;
 - a latin-1 page with its charset declared, an empty page, and OUT/warc/99-truncated.warc.gz,
   cut off in the middle of a record.
 Nothing here is downloaded; OUT is rebuilt from scratch.
@@ -180,6 +181,12 @@ def planted(rng: random.Random, real: list[tuple[str, str]]) -> tuple[list[tuple
              "kitchen in the old town, with fresh bread baked every morning.</p>", "iso-8859-1"),
         cs="iso-8859-1")  # fmt: skip
     add("empty", "https://empty.example.com/", "<html><body></body></html>")
+    from herd.eval.contamination import example_text, task_items
+
+    for i, item in enumerate(task_items("gsm8k")[:2]):  # a test problem and its solution
+        add("contaminated", f"https://homework.example.com/q{i}.html",
+            page("Homework help", "<p>Here is a problem from my worksheet, solved:</p>"
+                 f"<p>{html.escape(example_text(item))}</p>"))  # fmt: skip
     return out, manifest
 
 

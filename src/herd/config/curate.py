@@ -113,6 +113,19 @@ class LanguageStep:
 
 
 @dataclass
+class DecontaminateStep:
+    """Token n-gram overlap with evaluation sets (their examples' prompts and answers)."""
+
+    tasks: list[str] = field(
+        default_factory=lambda: ["gsm8k", "humaneval", "arc_easy", "arc_challenge", "mmlu"]
+    )
+    n: int = 13
+    min_matches: int = 1  # shared n-grams with one benchmark that make a document contaminated
+    remove: bool = True  # false: only count and tag (metadata.contamination)
+    tokenizer: str = "llama3"
+
+
+@dataclass
 class TokenizeStep:
     tokenizer: str = "llama3"
 
@@ -128,6 +141,7 @@ STEPS: dict[str, type] = {
     "dirty_words": DirtyWordsStep,
     "kl": KLStep,
     "language": LanguageStep,
+    "decontaminate": DecontaminateStep,
     "tokenize": TokenizeStep,
 }
 

@@ -13,7 +13,8 @@ import re
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
-BLOCKS = {"head", "p", "item", "code", "quote", "row", "list", "table", "div", "main", "doc"}
+CONTAINERS = {"list", "table", "div", "main", "doc", "body"}  # hold blocks, no text of their own
+BLOCKS = CONTAINERS | {"head", "p", "item", "code", "quote", "row", "cell"}
 
 
 def decode_html(raw: bytes) -> str | None:
@@ -42,32 +43,47 @@ def _tex_scripts(html: str) -> str:
 
 
 def linearize(node, out: list[str]) -> None:
-    """Append the plain-text lines of trafilatura's XML `node` to `out`."""
+    """Append the plain-text lines of trafilatura's XML `node` to `out`: one line per block
+    (heading, paragraph, list item, table row), code blocks line by line, images as alt text."""
     tag = node.tag
-    if tag == "code" and "\n" in (node.text or ""):
-        out.extend(("".join(node.itertext())).strip("\n").split("\n"))
+    if tag == "code" and "\n" in "".join(node.itertext()):
+        out.extend("".join(node.itertext()).strip("\n").split("\n"))
         return
     if tag == "row":
         cells = [" ".join("".join(c.itertext()).split()) for c in node]
         out.append("\t".join(c for c in cells if c))
         return
-    if tag in BLOCKS and tag not in ("list", "table", "div", "main", "doc"):
-        out.append(" ".join(_inline(node).split()))
+    if tag in CONTAINERS:
+        for child in node:
+            linearize(child, out)
         return
+    line = [node.text or ""]
+
+    def flush() -> None:
+        text = " ".join("".join(line).split())
+        if text:
+            out.append(text)
+        line.clear()
+
     for child in node:
-        linearize(child, out)
+        inline_code = child.tag == "code" and "\n" not in "".join(child.itertext())
+        if child.tag in BLOCKS and not inline_code:  # a block in a block (a list in an item)
+            flush()
+            linearize(child, out)
+        elif child.tag == "lb":
+            flush()
+        else:
+            line.append(_inline(child))
+        line.append(child.tail or "")
+    flush()
 
 
 def _inline(node) -> str:
+    if node.tag == "graphic":
+        return f" {node.get('alt', '')} "
     parts = [node.text or ""]
     for child in node:
-        if child.tag == "graphic":
-            parts.append(f" {child.get('alt', '')} ")
-        elif child.tag in ("lb",):
-            parts.append("\n")
-        else:
-            parts.append(_inline(child))
-        parts.append(child.tail or "")
+        parts += [_inline(child), child.tail or ""]
     return "".join(parts)
 
 

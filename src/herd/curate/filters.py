@@ -199,3 +199,56 @@ def kl_scores(types: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> np.ndar
     nonempty = types > 0
     out[nonempty] = np.add.reduceat(terms, starts[nonempty]) if len(terms) else 0.0
     return out
+
+
+# -- benchmark decontamination (paper §5.1.4) ----------------------------------------------------
+
+
+class Decontaminate(BaseFilter):
+    """Documents sharing token n-grams with evaluation sets: each benchmark's overlap counted
+    (`metadata.contamination`), the document removed when `remove` and any benchmark reaches
+    `min_matches` shared n-grams."""
+
+    name = "decontaminate"
+
+    def __init__(self, tasks=("gsm8k", "humaneval", "arc_easy", "arc_challenge", "mmlu"),
+                 n=13, min_matches=1, remove=True, tokenizer="llama3", exclusion_writer=None):  # fmt: skip
+        super().__init__(exclusion_writer)
+        self.tasks, self.n, self.min_matches, self.remove = list(tasks), n, min_matches, remove
+        self.tokenizer_name = tokenizer
+        self._grams: dict[str, np.ndarray] | None = None
+        self._tokenizer = None
+
+    def benchmark_ngrams(self) -> dict[str, np.ndarray]:
+        """Sorted unique n-gram hashes of every example (prompt and answer) of each task."""
+        if self._grams is None:
+            from herd.eval.contamination import example_text, ngram_hashes, task_items
+            from herd.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+            self._grams = {}
+            for task in self.tasks:
+                texts = [example_text(item) for item in task_items(task)]
+                ids = self._tokenizer.encode_batch_numpy(texts)
+                parts = [ngram_hashes(i, self.n) for i in ids]
+                self._grams[task] = (
+                    np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+                )
+        return self._grams
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        from herd.eval.contamination import ngram_hashes
+
+        grams = self.benchmark_ngrams()
+        ids = self._tokenizer.encode(doc.text, bos=False, eos=False)
+        hashes = np.unique(ngram_hashes(np.asarray(ids), self.n))
+        overlap = {t: int(member(g, hashes).sum()) for t, g in grams.items()}
+        overlap = {t: c for t, c in overlap.items() if c}
+        if overlap:
+            doc.metadata["contamination"] = overlap
+            for task in overlap:
+                self.stat_update(f"overlaps_{task}")
+        hit = [t for t, c in overlap.items() if c >= self.min_matches]
+        if self.remove and hit:
+            return False, f"contaminated_{hit[0]}"
+        return True

@@ -90,6 +90,11 @@ def document_step(name: str, params: Any, excluded: Callable[[str], Any]):
         from herd.curate.language import Language
 
         return Language(params.keep, params.min_confidence, params.confidence, excluded(name))
+    if name == "decontaminate":
+        from herd.curate.filters import Decontaminate
+
+        return Decontaminate(params.tasks, params.n, params.min_matches, params.remove,
+                             params.tokenizer, exclusion_writer=excluded(name))  # fmt: skip
     raise ValueError(f"{name}: not a per-document step")
 
 
@@ -279,7 +284,8 @@ def collect_stats(config: CurateConfig) -> list[StepStats]:
             row.removed = {k.removeprefix("dropped_"): int(v) for k, v in counts.items()
                            if k.startswith("dropped_")}  # fmt: skip
             row.other = {k: int(v) for k, v in counts.items()
-                         if k.startswith(("masked_", "lines_removed", "damaged", "undecodable"))}  # fmt: skip
+                         if k.startswith(("masked_", "lines_removed", "damaged", "undecodable",
+                                          "overlaps_"))}  # fmt: skip
             out.append(row)
     return out
 
