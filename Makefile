@@ -91,6 +91,7 @@ demo: $(STAMP) debian
 	# tokenized for the tiny model, then 40 steps of it on the curated shards
 	$(PY) scripts/curate_corpus.py out/corpus
 	$(HERD) curate recipes/curate-web.toml --fresh --set tokenize.tokenizer=$(TINY)/tokenizer
+	$(HERD) curate train-classifier recipes/curate-web.toml
 	$(HERD) pretrain recipes/tiny.toml --set data.train=out/curated/tokens \
 		--set run.dir=out/curated/run --set optim.steps=40 --set optim.warmup_steps=5 \
 		--set run.eval_every=20 --set run.save_every=40 --set run.log_every=10

@@ -8,13 +8,34 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from herd.cli.common import console, fail
 from herd.cli.train import Overrides
 
+Recipe = Annotated[Path, typer.Argument(help="Recipe (TOML, see recipes/curate-web.toml).")]
 
+
+class RunByDefault(TyperGroup):
+    """`herd curate RECIPE ...` means `herd curate run RECIPE ...`."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(
+    cls=RunByDefault,
+    no_args_is_help=True,
+    help="Curate web documents (paper §3.1): `herd curate RECIPE` runs a recipe; "
+    "`herd curate train-classifier RECIPE` trains its quality classifier.",
+)
+
+
+@app.command("run")
 def curate(
-    recipe: Annotated[Path, typer.Argument(help="Recipe (TOML, see recipes/curate-web.toml).")],
+    recipe: Recipe,
     set_: Overrides = None,
     executor: Annotated[
         str, typer.Option(help="local (processes), slurm (sbatch jobs) or ray (a Ray cluster).")
@@ -91,3 +112,38 @@ def print_stats(steps, seconds: float) -> None:
         table.add_row(s.step, f"{s.docs_in:,}", f"{s.docs_out:,}", f"{s.seconds:.1f}",
                       "; ".join(x for x in (", ".join(removed), ", ".join(other)) if x))  # fmt: skip
     console.print(table)
+
+
+@app.command("train-classifier")
+def train_classifier(
+    recipe: Recipe,
+    set_: Overrides = None,
+) -> None:
+    """Train the recipe's fastText quality classifier: the teacher (quality.teacher:
+    "heuristic", or a chat checkpoint such as "smollm2" asked quality.question) labels
+    quality.sample documents of quality.train_from (default: OUTPUT/documents of an earlier
+    run), fastText learns the labels from 80% of them, and its accuracy against the teacher on
+    the other 20% is reported. The model goes to quality.model (default: OUTPUT/quality.bin)."""
+    from herd.config.curate import curate_from_dict
+    from herd.config.train import ConfigError, load_config
+    from herd.curate import quality
+
+    try:
+        config = load_config(recipe, list(set_ or []), build=curate_from_dict)
+        q = config.steps["quality"]
+        source = Path(q.train_from or f"{config.curate.output}/documents")
+        texts = quality.read_texts(source, q.sample)
+        if q.teacher == "heuristic":
+            teacher = quality.heuristic_label
+        else:
+            console.print(f"teacher: {q.teacher}, {len(texts)} documents")
+            teacher = quality.llm_teacher(q.teacher, q.question or quality.QUESTION)
+        report = quality.train_classifier(texts, teacher, Path(config.quality_model()))
+    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
+        fail(str(e))
+    console.print(
+        f"{report.labelled} documents labelled by the {q.teacher} teacher, {report.positive} "
+        f"high quality; fastText agrees with it on {100 * report.accuracy:.1f}% of "
+        f"{report.held_out} held-out documents (always the commoner label: "
+        f"{100 * report.majority:.1f}%); model in {config.quality_model()}"
+    )

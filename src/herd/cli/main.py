@@ -56,7 +56,7 @@ app.add_typer(align_cli.app, name="reward")
 app.command()(align_cli.sample)
 app.command()(align_cli.dpo)
 app.command()(align_cli.align)
-app.command()(curate_cli.curate)
+app.add_typer(curate_cli.app, name="curate")
 
 
 def _human_bytes(n: float) -> str:

@@ -113,6 +113,18 @@ class LanguageStep:
 
 
 @dataclass
+class QualityStep:
+    """A fastText quality classifier (`herd curate train-classifier` makes one)."""
+
+    model: str = ""  # default: OUTPUT/quality.bin
+    threshold: float = 0.5  # documents with P(high quality) below it are removed
+    teacher: str = "heuristic"  # or a chat checkpoint ("smollm2") asked `question`
+    question: str = ""  # the teacher's prompt, {text} standing for the document (default: herd's)
+    train_from: str = ""  # JSONL documents to label (default: OUTPUT/documents of a run)
+    sample: int = 2000  # documents labelled
+
+
+@dataclass
 class DecontaminateStep:
     """Token n-gram overlap with evaluation sets (their examples' prompts and answers)."""
 
@@ -141,6 +153,7 @@ STEPS: dict[str, type] = {
     "dirty_words": DirtyWordsStep,
     "kl": KLStep,
     "language": LanguageStep,
+    "quality": QualityStep,
     "decontaminate": DecontaminateStep,
     "tokenize": TokenizeStep,
 }
@@ -153,6 +166,9 @@ class CurateConfig:
 
     def work_dir(self) -> str:
         return self.curate.work or f"{self.curate.output.rstrip('/')}/work"
+
+    def quality_model(self) -> str:
+        return self.steps["quality"].model or f"{self.curate.output.rstrip('/')}/quality.bin"
 
     def to_dict(self) -> dict[str, Any]:
         return {"curate": dataclasses.asdict(self.curate)} | {

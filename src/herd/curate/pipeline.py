@@ -64,7 +64,7 @@ def reader(config: CurateConfig):
     return JsonlReader(folder, glob_pattern=pattern or "**/*.jsonl*")
 
 
-def document_step(name: str, params: Any, excluded: Callable[[str], Any]):
+def document_step(name: str, params: Any, excluded: Callable[[str], Any], config=None):
     """The datatrove step for per-document step `name` of the recipe."""
     if name == "blocklist":
         from herd.curate.safety import Blocklist
@@ -90,6 +90,10 @@ def document_step(name: str, params: Any, excluded: Callable[[str], Any]):
         from herd.curate.language import Language
 
         return Language(params.keep, params.min_confidence, params.confidence, excluded(name))
+    if name == "quality":
+        from herd.curate.quality import Quality
+
+        return Quality(config.quality_model(), params.threshold, exclusion_writer=excluded(name))
     if name == "decontaminate":
         from herd.curate.filters import Decontaminate
 
@@ -127,7 +131,7 @@ def stages(config: CurateConfig) -> list[Stage]:
     for name in (s for s in c.steps if s != "tokenize"):
         params = config.steps[name]
         if name not in CORPUS_STEPS:
-            pipeline.append(document_step(name, params, excluded))
+            pipeline.append(document_step(name, params, excluded, config))
             continue
         step = corpus_step(name, params, str(work))
         index = len([s for s in result if s.name.startswith("stage-")])
