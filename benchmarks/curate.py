@@ -274,7 +274,7 @@ def throughput(corpus: Path, work: Path) -> list[tuple]:
     herd_s, herd_rss, _ = run_timed(HERD_RUN.format(warc=warc, out=work / "herd"))
     dt_s, dt_rss, _ = run_timed(DATATROVE_RUN.format(warc=warc, out=work / "datatrove"))
     return [
-        ("herd curate-web.toml (11 steps)", docs / herd_s, herd_rss,
+        ("herd curate-web.toml (12 steps)", docs / herd_s, herd_rss,
          count_docs(work / "herd" / "documents"), dt_s / herd_s),
         ("datatrove FineWeb-style (URL, extract, 2 Gopher, MinHash)", docs / dt_s, dt_rss,
          count_docs(work / "datatrove" / "documents"), 1.0),

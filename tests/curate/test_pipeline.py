@@ -198,3 +198,17 @@ def test_recipe_errors_name_the_problem(corpus, tmp_path):
     result = subprocess.run([str(HERD), "curate", str(RECIPE), "--set", 'curate.steps=["x"]'],
                             capture_output=True, text=True, check=False)  # fmt: skip
     assert result.returncode != 0 and "unknown step 'x'" in result.stderr + result.stdout
+
+
+def test_ray_gives_the_same_output(corpus, single, tmp_path):
+    """On a Ray cluster the test starts itself (a local one)."""
+    ray = pytest.importorskip("ray")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        pipeline.run(config(corpus, tmp_path, "curate.tasks=2", "curate.workers=2"), "ray",
+                     quiet=True)  # fmt: skip
+    finally:
+        ray.shutdown()
+    ours, theirs = documents(tmp_path), documents(single)
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k]["text"] == theirs[k]["text"] for k in ours)

@@ -328,15 +328,27 @@ def test_load_npz_refuses_pickles(tmp_path):
 
 
 def test_decontamination_finds_benchmark_text():
-    from herd.eval.contamination import example_text, task_items
+    from herd.eval.contamination import example_text, ngram_hashes, task_items
+    from herd.tokenizer import load_tokenizer
 
-    problem = example_text(task_items("gsm8k")[7])
-    f = Decontaminate(tasks=["gsm8k", "arc_easy"], n=13)
+    items = task_items("gsm8k")
+    problem = example_text(items[7])
+    f = Decontaminate(tasks=["gsm8k", "arc_easy"], n=8, threshold=0.5)
     quoting = doc(f"My homework today:\n{problem}\nThanks for any help!", "q")
     assert f.filter(quoting) == (False, "contaminated_gsm8k")
-    assert quoting.metadata["contamination"]["gsm8k"] >= 10
+    assert quoting.metadata["contamination"] == {"gsm8k": 1}
     clean = doc(shakespeare_paragraphs(1)[0], "clean")
     assert f.filter(clean) is True and "contamination" not in clean.metadata
-    tagging = Decontaminate(tasks=["gsm8k"], n=13, remove=False)
+    # the first 40% of an example is below the threshold, 60% above (n-gram shares by hand)
+    tok = load_tokenizer("llama3")
+    problem = " ".join(problem.split())  # the step compares with white space collapsed
+    ids = tok.encode(problem)
+    grams = set(ngram_hashes(np.asarray(ids), 8).tolist())
+    for share, expect in ((0.4, {}), (0.7, {"gsm8k": 1})):
+        part = tok.decode(ids[: int(len(ids) * share)])
+        inside = set(ngram_hashes(np.asarray(tok.encode(part)), 8).tolist()) & grams
+        assert (len(inside) >= 0.5 * len(grams)) == bool(expect)
+        assert f.contaminated(part).get("gsm8k", 0) == expect.get("gsm8k", 0)
+    tagging = Decontaminate(tasks=["gsm8k"], remove=False)
     kept = doc(problem, "kept")
-    assert tagging.filter(kept) is True and kept.metadata["contamination"]["gsm8k"] > 0
+    assert tagging.filter(kept) is True and kept.metadata["contamination"] == {"gsm8k": 1}

@@ -126,13 +126,13 @@ class QualityStep:
 
 @dataclass
 class DecontaminateStep:
-    """Token n-gram overlap with evaluation sets (their examples' prompts and answers)."""
+    """Benchmark examples (prompt and answer) inside documents, by token n-grams."""
 
     tasks: list[str] = field(
         default_factory=lambda: ["gsm8k", "humaneval", "arc_easy", "arc_challenge", "mmlu"]
     )
-    n: int = 13
-    min_matches: int = 1  # shared n-grams with one benchmark that make a document contaminated
+    n: int = 8  # the paper's (§5.1.4)
+    threshold: float = 0.5  # share of an example's n-grams in a document that make it contained
     remove: bool = True  # false: only count and tag (metadata.contamination)
     tokenizer: str = "llama3"
 

@@ -204,51 +204,79 @@ def kl_scores(types: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> np.ndar
 # -- benchmark decontamination (paper §5.1.4) ----------------------------------------------------
 
 
+def _spaced(text: str) -> str:
+    """White space collapsed: a page reflows an example's lines, which must not hide it."""
+    return " ".join(text.split())
+
+
 class Decontaminate(BaseFilter):
-    """Documents sharing token n-grams with evaluation sets: each benchmark's overlap counted
-    (`metadata.contamination`), the document removed when `remove` and any benchmark reaches
-    `min_matches` shared n-grams."""
+    """Documents that contain a benchmark example: an example whose token n-grams are at least
+    `threshold` inside the document (the paper's §5.1.4 score, per document; white space
+    collapsed on both sides) is counted in `metadata.contamination`; with `remove`, such a
+    document is removed."""
 
     name = "decontaminate"
 
     def __init__(self, tasks=("gsm8k", "humaneval", "arc_easy", "arc_challenge", "mmlu"),
-                 n=13, min_matches=1, remove=True, tokenizer="llama3", exclusion_writer=None):  # fmt: skip
+                 n=8, threshold=0.5, remove=True, tokenizer="llama3", exclusion_writer=None):  # fmt: skip
         super().__init__(exclusion_writer)
-        self.tasks, self.n, self.min_matches, self.remove = list(tasks), n, min_matches, remove
+        self.tasks, self.n, self.threshold, self.remove = list(tasks), n, threshold, remove
         self.tokenizer_name = tokenizer
-        self._grams: dict[str, np.ndarray] | None = None
+        self._index: dict[str, tuple] | None = None
         self._tokenizer = None
 
-    def benchmark_ngrams(self) -> dict[str, np.ndarray]:
-        """Sorted unique n-gram hashes of every example (prompt and answer) of each task."""
-        if self._grams is None:
+    def index(self) -> dict[str, tuple]:
+        """Per task: its unique n-gram hashes, for each the range of (example) entries holding
+        it, and each example's n-gram count."""
+        if self._index is None:
             from herd.eval.contamination import example_text, ngram_hashes, task_items
             from herd.tokenizer import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.tokenizer_name)
-            self._grams = {}
+            self._index = {}
             for task in self.tasks:
-                texts = [example_text(item) for item in task_items(task)]
-                ids = self._tokenizer.encode_batch_numpy(texts)
-                parts = [ngram_hashes(i, self.n) for i in ids]
-                self._grams[task] = (
-                    np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
-                )
-        return self._grams
+                texts = [_spaced(example_text(item)) for item in task_items(task)]
+                grams = [np.unique(ngram_hashes(i, self.n))
+                         for i in self._tokenizer.encode_batch_numpy(texts)]  # fmt: skip
+                sizes = np.array([len(g) for g in grams])
+                hashes = np.concatenate(grams) if grams else np.zeros(0, np.uint64)
+                example = np.repeat(np.arange(len(grams)), sizes)
+                order = np.argsort(hashes, kind="stable")
+                unique, first = np.unique(hashes[order], return_index=True)
+                last = np.r_[first[1:], len(order)]
+                self._index[task] = (unique, first, last, example[order], sizes)
+        return self._index
 
-    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+    def contaminated(self, text: str) -> dict[str, int]:
+        """Per task, how many of its examples the text contains (at `threshold`)."""
         from herd.eval.contamination import ngram_hashes
 
-        grams = self.benchmark_ngrams()
-        ids = self._tokenizer.encode(doc.text, bos=False, eos=False)
-        hashes = np.unique(ngram_hashes(np.asarray(ids), self.n))
-        overlap = {t: int(member(g, hashes).sum()) for t, g in grams.items()}
-        overlap = {t: c for t, c in overlap.items() if c}
-        if overlap:
-            doc.metadata["contamination"] = overlap
-            for task in overlap:
+        index = self.index()
+        ids = self._tokenizer.encode(_spaced(text))
+        doc = np.unique(ngram_hashes(np.asarray(ids), self.n))
+        out = {}
+        for task, (unique, first, last, example, sizes) in index.items():
+            if len(unique) == 0 or len(doc) == 0:
+                continue
+            at = np.searchsorted(unique, doc).clip(max=len(unique) - 1)
+            at = at[unique[at] == doc]
+            if len(at) == 0:
+                continue
+            lengths = last[at] - first[at]
+            entries = np.repeat(first[at] - np.cumsum(np.r_[0, lengths[:-1]]), lengths)
+            entries += np.arange(lengths.sum())
+            shared = np.bincount(example[entries], minlength=len(sizes))
+            hit = int(((shared >= self.threshold * sizes) & (sizes > 0)).sum())
+            if hit:
+                out[task] = hit
+        return out
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        found = self.contaminated(doc.text)
+        if found:
+            doc.metadata["contamination"] = found
+            for task in found:
                 self.stat_update(f"overlaps_{task}")
-        hit = [t for t, c in overlap.items() if c >= self.min_matches]
-        if self.remove and hit:
-            return False, f"contaminated_{hit[0]}"
+        if self.remove and found:
+            return False, f"contaminated_{next(iter(found))}"
         return True

@@ -16,6 +16,7 @@ rewritten whole, so nothing is lost or written twice.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -97,7 +98,7 @@ def document_step(name: str, params: Any, excluded: Callable[[str], Any], config
     if name == "decontaminate":
         from herd.curate.filters import Decontaminate
 
-        return Decontaminate(params.tasks, params.n, params.min_matches, params.remove,
+        return Decontaminate(params.tasks, params.n, params.threshold, params.remove,
                              params.tokenizer, exclusion_writer=excluded(name))  # fmt: skip
     raise ValueError(f"{name}: not a per-document step")
 
@@ -225,6 +226,11 @@ def run(config: CurateConfig, kind: str = "local", quiet: bool = False, **option
     (Path(config.curate.output) / "recipe.json").write_text(
         json.dumps(config.to_dict(), indent=1) + "\n"
     )
+    if kind == "ray":
+        import ray
+
+        if not ray.is_initialized():  # RAY_ADDRESS names a cluster; without it Ray starts one here
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=not quiet)
     previous = None
     for stage in stages(config):
         ex = executor(stage, kind, config.curate.workers, depends=previous, quiet=quiet, **options)
