@@ -17,19 +17,23 @@ CONTAINERS = {"list", "table", "div", "main", "doc", "body"}  # hold blocks, no 
 BLOCKS = CONTAINERS | {"head", "p", "item", "code", "quote", "row", "cell"}
 
 
+CHARSET = re.compile(rb"""<meta[^>]+charset=["']?([\w-]+)""", re.IGNORECASE)
+
+
 def decode_html(raw: bytes) -> str | None:
-    """The page's text: UTF-8, else the charset its bytes look like; None if undecodable."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
+    """The page's text: UTF-8, else the charset it declares, else the one its bytes look like;
+    None if undecodable."""
     import cchardet
 
-    encoding = cchardet.detect(raw)["encoding"]
-    try:
-        return raw.decode(encoding) if encoding else None
-    except (UnicodeDecodeError, LookupError):
-        return None
+    declared = CHARSET.search(raw[:4096])
+    guesses = ["utf-8", declared and declared.group(1).decode("ascii"),
+               cchardet.detect(raw)["encoding"]]  # fmt: skip
+    for encoding in filter(None, guesses):
+        try:
+            return raw.decode(encoding)
+        except (UnicodeDecodeError, LookupError):
+            continue
+    return None
 
 
 def _tex_scripts(html: str) -> str:

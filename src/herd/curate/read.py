@@ -18,22 +18,55 @@ from herd.curate.extract import decode_html
 
 class WarcReader(DatatroveWarcReader):
     """WARC/WARC.gz responses as documents (HTML text, url, date); a file that ends early or
-    is corrupt keeps the records read before the damage and is counted as `damaged_files`."""
+    is corrupt keeps the records before the damage and is counted as `damaged_files`."""
 
     name = "WARC (herd)"
 
+    def __init__(self, data_folder: str, **kwargs):
+        # warcio reads gzip members one by one, so a cut file loses only its last record;
+        # decompressing the file as one stream (datatrove's default) loses every buffered one
+        super().__init__(data_folder, compression=None, **kwargs)
+
     def read_file(self, filepath: str):
-        records = super().read_file(filepath)
-        while True:
+        from datatrove.pipeline.readers.warc import process_record
+        from warcio.archiveiterator import ArchiveIterator
+
+        last = 0  # where the last record read starts
+        with self.data_folder.open(filepath, "rb", compression=None) as f:
+            records = ArchiveIterator(f)
             try:
-                document = next(records)
-            except StopIteration:
-                return
+                for ri, record in enumerate(records):
+                    with self.track_time():
+                        data = process_record(record)
+                        document = data and self.get_document_from_dict(data, filepath, ri)
+                    last = records.get_record_offset()  # after the content: it reads to the end
+                    if document:
+                        yield document
             except (EOFError, OSError, ValueError, zlib.error, ArchiveLoadFailed) as e:
-                logger.warning(f"{filepath}: unreadable after this point ({type(e).__name__}: {e})")
-                self.stat_update("damaged_files")
-                return
-            yield document
+                return self._damaged(filepath, f"{type(e).__name__}: {e}")
+        if filepath.endswith(".gz") and not self._members_complete(filepath, last):
+            self._damaged(filepath, "its last gzip member is cut off")
+
+    def _members_complete(self, filepath: str, offset: int) -> bool:
+        """The gzip members from `offset` to the end of the file all end properly (warcio
+        stops quietly at a truncated one)."""
+        with self.data_folder.open(filepath, "rb", compression=None) as f:
+            f.seek(offset)
+            data = f.read()
+        while data:
+            member = zlib.decompressobj(wbits=31)
+            try:
+                member.decompress(data)
+            except zlib.error:
+                return False
+            if not member.eof:
+                return False
+            data = member.unused_data
+        return True
+
+    def _damaged(self, filepath: str, why: str) -> None:
+        logger.warning(f"{filepath}: damaged, records after the damage are lost ({why})")
+        self.stat_update("damaged_files")
 
 
 class HtmlFolderReader(BaseDiskReader):
