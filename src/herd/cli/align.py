@@ -37,25 +37,31 @@ def _pack_lines(trainer) -> None:
 
 
 @app.command("train")
+def _trainer(recipe: Path, set_: list[str] | None, resume: bool, build, cls):
+    """The recipe's trainer (errors end the command), its packing report printed."""
+    import logging
+
+    from herd.config.train import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        trainer = cls(load_config(recipe, set_ or [], build=build), resume=resume)
+    except _errors() as e:
+        fail(str(e))
+    _pack_lines(trainer)
+    return trainer
+
+
 def reward_train(recipe: Recipe, set_: Overrides = None, resume: Resume = False) -> None:
     """Train a reward model: the recipe's [finetune] base with a scalar head on the last token
     of each response, on preference JSONL ({"prompt", "chosen", "rejected", "edited"?}),
     Bradley-Terry loss over every ordered pair, no margin. Each prompt and its responses share
     one packed row. Reports held-out pair accuracy before and after, and writes RUN/model as
     a Hugging Face LlamaForSequenceClassification."""
-    import logging
-
     from herd.align.reward import RewardTrainer
     from herd.config.align import reward_from_dict
-    from herd.config.train import load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        config = load_config(recipe, set_ or [], build=reward_from_dict)
-        trainer = RewardTrainer(config, resume=resume)
-    except _errors() as e:
-        fail(str(e))
-    _pack_lines(trainer)
+    trainer = _trainer(recipe, set_, resume, reward_from_dict, RewardTrainer)
     before = trainer.pair_accuracy()
     train(trainer, "reward model")
     after = trainer.pair_accuracy()
@@ -90,21 +96,12 @@ def dpo(recipe: Recipe, set_: Overrides = None, resume: Resume = False) -> None:
     masked out of both responses ([dpo] in the recipe switches each). Reference
     log-probabilities are computed once before training (the base itself, or [dpo] reference).
     Metrics per step: reward accuracy, margin, chosen/rejected log-probabilities."""
-    import logging
-
     from herd.align.dpo import DPOTrainer
     from herd.config.align import dpo_from_dict
-    from herd.config.train import load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        config = load_config(recipe, set_ or [], build=dpo_from_dict)
-        trainer = DPOTrainer(config, resume=resume)
-    except _errors() as e:
-        fail(str(e))
-    _pack_lines(trainer)
+    trainer = _trainer(recipe, set_, resume, dpo_from_dict, DPOTrainer)
     train(trainer, "dpo")
-    if config.finetune.method != "full":
+    if trainer.config.finetune.method != "full":
         console.print(f"adapter (PEFT format): {trainer.run_dir / 'adapter'}")
 
 

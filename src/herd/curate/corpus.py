@@ -133,3 +133,8 @@ def member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
         return np.zeros(len(keys), dtype=bool)
     at = np.searchsorted(sorted_keys, keys).clip(max=len(sorted_keys) - 1)
     return sorted_keys[at] == keys
+
+
+def listed(sorted_keys: np.ndarray, doc_id: str) -> bool:
+    """The document's id hash is in sorted_keys."""
+    return bool(member(sorted_keys, np.array([hash64(doc_id)], np.uint64))[0])

@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import numpy as np
 from datatrove.data import Document
 
-from herd.curate.corpus import CorpusStep, hash64, member
+from herd.curate.corpus import CorpusStep, hash64, listed
 
 # -- URL ----------------------------------------------------------------------------------------
 
@@ -88,7 +88,7 @@ class URLDedup(CorpusStep):
         return {"removed": np.sort(key[order][~first])}
 
     def apply(self, doc, decision):
-        if member(decision["removed"], np.array([hash64(doc.id)], np.uint64))[0]:
+        if listed(decision["removed"], doc.id):
             return False, "older_crawl"
         return True
 
@@ -197,7 +197,7 @@ class MinHashDedup(CorpusStep):
         return {"removed": np.sort(key[roots != np.arange(len(key))])}
 
     def apply(self, doc, decision):
-        if member(decision["removed"], np.array([hash64(doc.id)], np.uint64))[0]:
+        if listed(decision["removed"], doc.id):
             return False, "near_duplicate"
         return True
 

@@ -10,7 +10,7 @@ import numpy as np
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
-from herd.curate.corpus import CorpusStep, hash64, member
+from herd.curate.corpus import CorpusStep, hash64
 
 # -- repetition (Rae et al. 2021, "Gopher" rules) ---------------------------------------------
 
@@ -157,36 +157,34 @@ class TokenKL(CorpusStep):
         key, types, ids, counts = (
             np.concatenate([r[k] for r in records]) for k in ("key", "types", "ids", "counts")
         )
-        scores = kl_scores(types, ids, counts)
-        tokens = np.add.reduceat(counts, np.r_[0, np.cumsum(types)[:-1]]) if len(key) else key
+        scores, tokens = kl_scores(types, ids, counts)
         scores[(tokens < self.min_tokens) | (types == 0)] = np.nan
         scored = scores[~np.isnan(scores)]
         if self.threshold > 0:
             cutoff = self.threshold
         else:
             cutoff = np.percentile(scored, 100 - self.top_percent) if len(scored) else np.inf
-        removed = key[~np.isnan(scores) & (scores > cutoff)]
         order = np.argsort(key)
-        return {"key": key[order], "score": scores[order], "removed": np.sort(removed),
-                "cutoff": np.array(cutoff)}  # fmt: skip
+        return {"key": key[order], "score": scores[order], "cutoff": np.array(cutoff)}
 
     def apply(self, doc, decision):
-        k = np.array([hash64(doc.id)], np.uint64)
-        at = min(int(np.searchsorted(decision["key"], k)[0]), len(decision["key"]) - 1)
-        if len(decision["key"]) and decision["key"][at] == k[0]:
-            score = float(decision["score"][at])
-            if not np.isnan(score):
-                doc.metadata["kl"] = round(score, 4)
-        if member(decision["removed"], k)[0]:
-            return False, "token_outlier"
-        return True
+        keys = decision["key"]
+        k = np.uint64(hash64(doc.id))
+        at = min(int(np.searchsorted(keys, k)), len(keys) - 1)
+        score = float(decision["score"][at]) if len(keys) and keys[at] == k else np.nan
+        if np.isnan(score):  # too short to score
+            return True
+        doc.metadata["kl"] = round(score, 4)
+        return (False, "token_outlier") if score > decision["cutoff"] else True
 
 
-def kl_scores(types: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """KL(q_doc || p_corpus) in nats for each document, from its (token id, count) runs:
-    document d owns the next types[d] entries of ids/counts."""
+def kl_scores(
+    types: np.ndarray, ids: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(KL(q_doc || p_corpus) in nats, token count) for each document, from its (token id,
+    count) runs: document d owns the next types[d] entries of ids/counts."""
     if len(types) == 0:
-        return np.zeros(0)
+        return np.zeros(0), np.zeros(0)
     corpus = np.bincount(ids, weights=counts).astype(np.float64)
     p = corpus / corpus.sum()
     starts = np.r_[0, np.cumsum(types)[:-1]]
@@ -198,7 +196,7 @@ def kl_scores(types: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> np.ndar
     out = np.zeros(len(types))
     nonempty = types > 0
     out[nonempty] = np.add.reduceat(terms, starts[nonempty]) if len(terms) else 0.0
-    return out
+    return out, length
 
 
 # -- benchmark decontamination (paper §5.1.4) ----------------------------------------------------

@@ -7,8 +7,6 @@ P(yes) against P(no) from the next-token logits; SmolLM2 ships offline), or a he
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import re
 import tempfile
@@ -101,13 +99,12 @@ def llm_teacher(model: str, question: str = QUESTION, max_tokens: int = 384) -> 
 
 
 def read_texts(folder: Path, limit: int) -> list[str]:
-    texts = []
-    for f in sorted(Path(folder).glob("*.jsonl*")):
-        opener = gzip.open if f.name.endswith(".gz") else open
-        with opener(f, "rt", encoding="utf-8") as lines:
-            texts += [json.loads(line)["text"] for line in lines if line.strip()]
+    """Up to `limit` documents of the JSONL(.gz) files under `folder`, shuffled (seed 0)."""
+    from herd.tokenizer.train import corpus_files, read_documents
+
+    texts = list(read_documents(corpus_files([folder])))
     if not texts:
-        raise FileNotFoundError(f"{folder}: no JSONL documents to label")
+        raise FileNotFoundError(f"{folder}: no documents to label")
     random.Random(0).shuffle(texts)
     return texts[:limit]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 import re
@@ -16,13 +15,11 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
-
-def domain_hash(domain: str) -> int:
-    return int.from_bytes(hashlib.blake2b(domain.encode(), digest_size=8).digest(), "little")
+from herd.curate.corpus import hash64, member
 
 
 def _hashes(domains: Iterable[str]) -> np.ndarray:
-    out = {domain_hash(d) for d in (d.strip().lower().rstrip(".") for d in domains) if d}
+    out = {hash64(d) for d in (d.strip().lower().rstrip(".") for d in domains) if d}
     return np.unique(np.fromiter(out, dtype=np.uint64, count=len(out)))
 
 
@@ -83,10 +80,8 @@ class Blocklist(BaseFilter):
         if not url:
             return True
         host = urlsplit(url).hostname or ""
-        blocked = self.blocked()
-        hashes = np.array([domain_hash(d) for d in parent_domains(host)], dtype=np.uint64)
-        at = np.searchsorted(blocked, hashes).clip(max=max(len(blocked) - 1, 0))
-        if len(blocked) and (blocked[at] == hashes).any():
+        hashes = np.array([hash64(d) for d in parent_domains(host)], dtype=np.uint64)
+        if member(self.blocked(), hashes).any():
             return False, "blocked_domain"
         return True
 
