@@ -36,7 +36,6 @@ def _pack_lines(trainer) -> None:
         )
 
 
-@app.command("train")
 def _trainer(recipe: Path, set_: list[str] | None, resume: bool, build, cls):
     """The recipe's trainer (errors end the command), its packing report printed."""
     import logging
@@ -52,6 +51,7 @@ def _trainer(recipe: Path, set_: list[str] | None, resume: bool, build, cls):
     return trainer
 
 
+@app.command("train")
 def reward_train(recipe: Recipe, set_: Overrides = None, resume: Resume = False) -> None:
     """Train a reward model: the recipe's [finetune] base with a scalar head on the last token
     of each response, on preference JSONL ({"prompt", "chosen", "rejected", "edited"?}),
