@@ -88,10 +88,14 @@ demo: $(STAMP) debian
 	$(HERD) eval -m smollm2 --adapter $(SFT)/run/adapter --tasks arc_easy,piqa --limit 100
 	# curation: the paper's web pipeline on real pages (python3.11-doc and Shakespeare crawled into
 	# WARC.gz, with planted duplicates, spam, dirty words, PII, foreign and contaminated pages),
-	# tokenized for the tiny model, then 40 steps of it on the curated shards
+	# tokenized for the tiny model; quality (fastText and SmolLM2 with a head) and domain
+	# classifiers, the paper's data mix; then 40 steps of the tiny model on the curated shards
 	$(PY) scripts/curate_corpus.py out/corpus
 	$(HERD) curate recipes/curate-web.toml --fresh --set tokenize.tokenizer=$(TINY)/tokenizer
-	$(HERD) curate train-classifier recipes/curate-web.toml
+	$(HERD) curate train-classifier recipes/curate-web.toml --set quality.sample=300 \
+		--set quality.transformer=smollm2 --set quality.max_tokens=128
+	$(HERD) curate train-classifier recipes/curate-web.toml --task domain
+	$(HERD) curate recipes/curate-mix.toml --fresh --set tokenize.tokenizer=$(TINY)/tokenizer
 	$(HERD) pretrain recipes/tiny.toml --set data.train=out/curated/tokens \
 		--set run.dir=out/curated/run --set optim.steps=40 --set optim.warmup_steps=5 \
 		--set run.eval_every=20 --set run.save_every=40 --set run.log_every=10

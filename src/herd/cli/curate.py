@@ -29,7 +29,8 @@ app = typer.Typer(
     cls=RunByDefault,
     no_args_is_help=True,
     help="Curate web documents (paper §3.1): `herd curate RECIPE` runs a recipe; "
-    "`herd curate train-classifier RECIPE` trains its quality classifier.",
+    "`herd curate train-classifier RECIPE [--task domain]` trains its quality (or domain) "
+    "classifier.",
 )
 
 
@@ -59,7 +60,8 @@ def curate(
 ) -> None:
     """Curate web documents as the paper's §3.1 does: domain blocklist, HTML extraction, PII
     masking, URL / MinHash / line dedup, repetition and dirty-word filters, the token KL
-    filter, language id, and token shards for `herd pretrain` -- the steps and their order
+    filter, language id, quality and domain classifiers, decontamination, the data mix, and
+    token shards for `herd pretrain` -- the steps and their order
     come from the recipe's [curate] steps, each step's parameters from its own table.
 
     Running it again resumes: finished tasks are skipped. Removed documents go to
@@ -118,32 +120,51 @@ def print_stats(steps, seconds: float) -> None:
 def train_classifier(
     recipe: Recipe,
     set_: Overrides = None,
+    task: Annotated[
+        str, typer.Option(help="quality (high / low quality) or domain (code, math, general).")
+    ] = "quality",
 ) -> None:
-    """Train the recipe's fastText quality classifier: the teacher (quality.teacher:
-    "heuristic", or a chat checkpoint such as "smollm2" asked quality.question) labels
-    quality.sample documents of quality.train_from (default: OUTPUT/documents of an earlier
-    run), fastText learns the labels from 80% of them, and its accuracy against the teacher on
-    the other 20% is reported. The model goes to quality.model (default: OUTPUT/quality.bin)."""
+    """Train the recipe's classifier for TASK: the teacher (TASK.teacher: "heuristic", or a chat
+    checkpoint such as "smollm2" asked TASK.question) labels TASK.sample documents of
+    TASK.train_from (default: OUTPUT/documents of an earlier run); fastText learns the labels
+    from 80% of them (to TASK.model, default OUTPUT/TASK.bin) and, when TASK.transformer names
+    a base checkpoint, so does that model under a linear head (OUTPUT/TASK-transformer). Each
+    student's accuracy against the teacher on the other 20% is reported."""
     from herd.config.curate import curate_from_dict
     from herd.config.train import ConfigError, load_config
-    from herd.curate import quality
+    from herd.curate import classify
 
+    if task not in classify.TASKS:
+        fail(f"--task {task!r}: one of {', '.join(classify.TASKS)}")
     try:
         config = load_config(recipe, list(set_ or []), build=curate_from_dict)
-        q = config.steps["quality"]
+        q = config.steps[task]
         source = Path(q.train_from or f"{config.curate.output}/documents")
-        texts = quality.read_texts(source, q.sample)
+        texts = classify.read_texts(source, q.sample)
+        kind = classify.TASKS[task]
         if q.teacher == "heuristic":
-            teacher = quality.heuristic_label
+            teacher = kind.heuristic
         else:
             console.print(f"teacher: {q.teacher}, {len(texts)} documents")
-            teacher = quality.llm_teacher(q.teacher, q.question or quality.QUESTION)
-        report = quality.train_classifier(texts, teacher, Path(config.quality_model()))
+            teacher = classify.llm_teacher(q.teacher, kind, q.question)
+        out = Path(config.classifier_model(task))
+        report = classify.train_classifiers(texts, kind, teacher, out, q.transformer,
+                                            q.max_tokens, progress=True)  # fmt: skip
     except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
         fail(str(e))
-    console.print(
-        f"{report.labelled} documents labelled by the {q.teacher} teacher, {report.positive} "
-        f"high quality; fastText agrees with it on {100 * report.accuracy:.1f}% of "
-        f"{report.held_out} held-out documents (always the commoner label: "
-        f"{100 * report.majority:.1f}%); model in {config.quality_model()}"
-    )
+    print_report(report, q.teacher, out)
+
+
+def print_report(report, teacher: str, out: Path) -> None:
+    from rich.table import Table
+
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts.items()))
+    table = Table(title=f"{report.task} classifier: {report.labelled} documents labelled by the "
+                  f"{teacher} teacher ({counts}); {report.held_out} held out")  # fmt: skip
+    for column in ("student", "held-out accuracy", "train s"):
+        table.add_column(column, justify="left" if column == "student" else "right")
+    for s in report.students:
+        table.add_row(s.student, f"{100 * s.accuracy:.1f}%", f"{s.seconds:.1f}")
+    table.add_row("always the commonest label", f"{100 * report.majority:.1f}%", "")
+    console.print(table)
+    console.print(f"fastText model in {out}")

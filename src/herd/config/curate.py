@@ -113,15 +113,38 @@ class LanguageStep:
 
 
 @dataclass
-class QualityStep:
-    """A fastText quality classifier (`herd curate train-classifier` makes one)."""
+class ClassifierStep:
+    """A classifier trained by `herd curate train-classifier RECIPE --task NAME`."""
 
-    model: str = ""  # default: OUTPUT/quality.bin
-    threshold: float = 0.5  # documents with P(high quality) below it are removed
+    model: str = ""  # the student the step uses: default OUTPUT/NAME.bin (fastText); a folder
+    # OUTPUT/NAME-transformer (made when `transformer` is set) uses the transformer student
     teacher: str = "heuristic"  # or a chat checkpoint ("smollm2") asked `question`
     question: str = ""  # the teacher's prompt, {text} standing for the document (default: herd's)
     train_from: str = ""  # JSONL documents to label (default: OUTPUT/documents of a run)
     sample: int = 2000  # documents labelled
+    transformer: str = ""  # a base checkpoint: also distil the labels into it (with a head)
+    max_tokens: int = 256  # of each document, read by the transformer student
+
+
+@dataclass
+class QualityStep(ClassifierStep):
+    threshold: float = 0.5  # documents with P(high quality) below it are removed
+
+
+@dataclass
+class DomainStep(ClassifierStep):
+    english: list[str] = field(default_factory=lambda: ["en"])  # other languages: multilingual
+
+
+@dataclass
+class MixStep:
+    """Documents sampled per domain to these shares of the tokens (the paper's final mix)."""
+
+    proportions: dict[str, float] = field(
+        default_factory=lambda: {"general": 0.50, "math": 0.25, "code": 0.17, "multilingual": 0.08}
+    )
+    max_repeat: float = 1.0  # > 1: a scarce domain may be repeated up to this many times
+    seed: int = 0
 
 
 @dataclass
@@ -154,6 +177,8 @@ STEPS: dict[str, type] = {
     "kl": KLStep,
     "language": LanguageStep,
     "quality": QualityStep,
+    "domain": DomainStep,
+    "mix": MixStep,
     "decontaminate": DecontaminateStep,
     "tokenize": TokenizeStep,
 }
@@ -167,8 +192,9 @@ class CurateConfig:
     def work_dir(self) -> str:
         return self.curate.work or f"{self.curate.output.rstrip('/')}/work"
 
-    def quality_model(self) -> str:
-        return self.steps["quality"].model or f"{self.curate.output.rstrip('/')}/quality.bin"
+    def classifier_model(self, task: str) -> str:
+        """Where the step of a classifier task reads its student, train-classifier writes it."""
+        return self.steps[task].model or f"{self.curate.output.rstrip('/')}/{task}.bin"
 
     def to_dict(self) -> dict[str, Any]:
         return {"curate": dataclasses.asdict(self.curate)} | {
@@ -205,6 +231,15 @@ def curate_from_dict(raw: dict[str, Any]) -> CurateConfig:
     k = steps["kl"]
     if k.threshold < 0 or not 0 < k.top_percent < 100:
         raise ConfigError("[kl] threshold must be >= 0 and top_percent in (0, 100)")
+    mix = steps["mix"]
+    if (
+        mix.max_repeat < 1
+        or any(p < 0 for p in mix.proportions.values())
+        or not any(mix.proportions.values())
+    ):
+        raise ConfigError("[mix] proportions must be >= 0, not all 0, and max_repeat >= 1")
+    if "mix" in section.steps and section.steps[-1] != "tokenize" and section.steps[-1] != "mix":
+        raise ConfigError("[curate] steps: mix must come last (or just before tokenize)")
     if steps["line_dedup"].bucket_docs < 1 or steps["line_dedup"].max_count < 1:
         raise ConfigError("[line_dedup] bucket_docs and max_count must be >= 1")
     return CurateConfig(section, steps)

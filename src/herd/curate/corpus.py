@@ -65,6 +65,10 @@ class CorpusStep:
     def record_arrays(self, records: dict[str, list]) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in records.items()}
 
+    def applier(self, exclusion_writer=None) -> PipelineStep:
+        """The step of the next stage that carries out the decision."""
+        return Apply(self, exclusion_writer)
+
 
 class Collect(PipelineStep):
     """Records each document for a corpus-wide step and passes it on unchanged."""

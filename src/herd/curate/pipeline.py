@@ -33,8 +33,9 @@ from datatrove.utils.stats import PipelineStats
 
 from herd.config.curate import CurateConfig
 from herd.curate.corpus import Apply, Collect, CorpusStep, Decide
+from herd.curate.mix import Resample
 
-CORPUS_STEPS = ("url_dedup", "minhash", "line_dedup", "kl")
+CORPUS_STEPS = ("url_dedup", "minhash", "line_dedup", "kl", "mix")
 EXECUTORS = ("local", "slurm", "ray")
 
 
@@ -92,9 +93,13 @@ def document_step(name: str, params: Any, excluded: Callable[[str], Any], config
 
         return Language(params.keep, params.min_confidence, params.confidence, excluded(name))
     if name == "quality":
-        from herd.curate.quality import Quality
+        from herd.curate.classify import Quality
 
-        return Quality(config.quality_model(), params.threshold, exclusion_writer=excluded(name))
+        return Quality(config.classifier_model(name), params.threshold, excluded(name))
+    if name == "domain":
+        from herd.curate.classify import Domain
+
+        return Domain(config.classifier_model(name), params.english)
     if name == "decontaminate":
         from herd.curate.filters import Decontaminate
 
@@ -103,9 +108,10 @@ def document_step(name: str, params: Any, excluded: Callable[[str], Any], config
     raise ValueError(f"{name}: not a per-document step")
 
 
-def corpus_step(name: str, params: Any, work: str) -> CorpusStep:
+def corpus_step(name: str, params: Any, work: str, config: CurateConfig) -> CorpusStep:
     from herd.curate.dedup import LineDedup, MinHashDedup, URLDedup
     from herd.curate.filters import TokenKL
+    from herd.curate.mix import Mix
 
     if name == "url_dedup":
         return URLDedup(work)
@@ -114,6 +120,9 @@ def corpus_step(name: str, params: Any, work: str) -> CorpusStep:
                             params.seed)  # fmt: skip
     if name == "line_dedup":
         return LineDedup(work, params.bucket_docs, params.max_count, params.min_chars)
+    if name == "mix":
+        return Mix(work, params.proportions, params.max_repeat, params.seed,
+                   config.steps["tokenize"].tokenizer, f"{config.curate.output}/mix.json")  # fmt: skip
     return TokenKL(work, params.tokenizer, params.threshold, params.top_percent, params.min_tokens)
 
 
@@ -134,7 +143,7 @@ def stages(config: CurateConfig) -> list[Stage]:
         if name not in CORPUS_STEPS:
             pipeline.append(document_step(name, params, excluded, config))
             continue
-        step = corpus_step(name, params, str(work))
+        step = corpus_step(name, params, str(work), config)
         index = len([s for s in result if s.name.startswith("stage-")])
         folder = work / f"stage-{index}"
         pipeline += [Collect(step), JsonlWriter(str(folder), output_filename="${rank}.jsonl.gz")]
@@ -142,7 +151,7 @@ def stages(config: CurateConfig) -> list[Stage]:
         result.append(Stage(f"{name}-decide", [Decide(step, c.tasks)], 1,
                             work / "logs" / f"{name}-decide"))  # fmt: skip
         pipeline = [JsonlReader(str(folder), glob_pattern="*.jsonl.gz"),
-                    Apply(step, exclusion_writer=excluded(name))]  # fmt: skip
+                    step.applier(excluded(name))]  # fmt: skip
     pipeline.append(JsonlWriter(str(out / "documents"), output_filename="${rank}.jsonl.gz"))
     result.append(Stage("final", pipeline, c.tasks, work / "logs" / "final"))
     if "tokenize" in c.steps:
@@ -278,7 +287,7 @@ def collect_stats(config: CurateConfig) -> list[StepStats]:
             if isinstance(step, (Collect, Decide, JsonlWriter)) or rereading:
                 continue  # bookkeeping, and the re-reading of a previous stage's output
             row = StepStats(getattr(step, "name", block.name), seconds=block.time_stats.total)
-            if isinstance(step, Apply):
+            if isinstance(step, (Apply, Resample)):
                 row.seconds += corpus_seconds.get(step.step.name, 0.0)
             if isinstance(step, Tokenize):
                 row.docs_in = row.docs_out = int(counts.get("documents", 0))
@@ -295,7 +304,7 @@ def collect_stats(config: CurateConfig) -> list[StepStats]:
                            if k.startswith("dropped_")}  # fmt: skip
             row.other = {k: int(v) for k, v in counts.items()
                          if k.startswith(("masked_", "lines_removed", "damaged", "undecodable",
-                                          "overlaps_"))}  # fmt: skip
+                                          "overlaps_", "mix_", "domain_"))}  # fmt: skip
             out.append(row)
     return out
 
