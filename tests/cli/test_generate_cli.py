@@ -18,11 +18,13 @@ def smollm2():
 def loaded(monkeypatch, smollm2):
     """`Llama.load` returns the preloaded model, with the window the command asked for."""
 
-    def load(path, dtype=None, quantize=None, max_seq_len=None, compile=False, adapter=None):
+    def load(path, dtype=None, quantize=None, max_seq_len=None, compile=False, adapter=None,
+             draft=None, draft_tokens=4):  # fmt: skip
         assert path == "smollm2" and adapter is None
         calls.append({"compile": compile})
         # Compiling SmolLM2 takes a minute; tests/infer/test_compile.py covers that path.
-        return Llama(smollm2.model, smollm2.tokenizer, max_seq_len)
+        return Llama(smollm2.model, smollm2.tokenizer, max_seq_len, draft=draft,
+                     draft_tokens=draft_tokens)  # fmt: skip
 
     calls: list[dict] = []
     monkeypatch.setattr(Llama, "load", staticmethod(load))
@@ -50,6 +52,18 @@ def test_generate_streams_the_continuation(loaded):
     args = ["generate", "-p", prompt, "-n", "1", "--temperature", "0", "--compile"]
     assert runner.invoke(app, args).exit_code == 0
     assert loaded.calls[-1] == {"compile": True}
+
+
+def test_generate_with_a_draft_prints_the_same_greedy_text(loaded):
+    prompt = "List the days of the week: Monday, Tuesday,"
+    expected = loaded.generate(prompt, max_new_tokens=20, temperature=0)[0]
+    for draft in (["--draft", "ngram"], ["--draft", "ngram", "--draft-tokens", "2"]):
+        args = ["generate", "-p", prompt, "-n", "20", "--temperature", "0", *draft]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert result.output == expected.text + "\n"
+    bad = runner.invoke(app, ["generate", "-p", prompt, "--draft", "ngram", "--draft-tokens", "0"])
+    assert bad.exit_code == 1 and "draft_tokens must be >= 1" in bad.output
 
 
 def test_repl_resets_exits_and_drops_old_turns_when_the_window_is_full(loaded):

@@ -417,9 +417,11 @@ def test_tools_become_llama31_tool_calling(tmp_path, monkeypatch):
     with TestClient(app) as http:
         body = {"messages": messages, "tools": [WEATHER_TOOL], "max_tokens": 64}
         reply = http.post("/v1/chat/completions", json=body)
+        generated.clear()
+        streamed = http.post("/v1/chat/completions", json=body | {"stream": True})
     assert reply.status_code == 200, reply.text
     reply = reply.json()
-    assert submitted == [expected_prompt]
+    assert submitted == [expected_prompt, expected_prompt]
     assert reply["usage"]["prompt_tokens"] == len(expected_prompt)
     assert reply["usage"]["completion_tokens"] == len(script)
     [choice] = reply["choices"]
@@ -430,6 +432,21 @@ def test_tools_become_llama31_tool_calling(tmp_path, monkeypatch):
     assert tool_call["type"] == "function"
     assert tool_call["function"]["name"] == reference_call.tool_name == "get_weather"
     assert json.loads(tool_call["function"]["arguments"]) == reference_call.arguments
+
+    # Streamed: OpenAI's incremental form, the id and name first, then argument fragments.
+    assert streamed.status_code == 200, streamed.text
+    lines = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line)["choices"][0] for line in lines[:-1]]
+    parts = [c["delta"]["tool_calls"][0] for c in chunks if "tool_calls" in c["delta"]]
+    head, fragments = parts[0], parts[1:]
+    assert head["index"] == 0 and head["id"] and head["type"] == "function"
+    assert head["function"] == {"name": "get_weather", "arguments": ""}
+    assert len(fragments) > 2 and all(set(f) == {"index", "function"} for f in fragments)
+    arguments = "".join(f["function"]["arguments"] for f in fragments)
+    assert json.loads(arguments) == reference_call.arguments
+    assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == ["tool_calls"]
+    assert not any(c["delta"].get("content") for c in chunks)
 
 
 # --- last: SIGTERM stops the module's server ---------------------------------------------

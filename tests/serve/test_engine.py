@@ -10,7 +10,7 @@ import torch
 
 import herd
 from herd.infer import SamplingParams, decode_steps
-from herd.infer.paged import BlockManager, OutOfBlocks, block_hash
+from herd.infer.paged import BlockManager, BlockName, OutOfBlocks
 from herd.serve.engine import Engine, Request, run_to_completion
 from herd.tokenizer import Tokenizer
 from tests.conftest import hf_llama
@@ -143,12 +143,12 @@ def test_engine_rejects_what_cannot_fit(tiny):
 def test_block_manager_prefix_lookup_and_eviction():
     blocks = BlockManager(num_blocks=3, block_size=2)
     a, b = blocks.allocate(), blocks.allocate()
-    blocks.name(a, block_hash(None, [5, 6]))
-    blocks.name(b, block_hash(block_hash(None, [5, 6]), [7, 8]))
+    first_serial = blocks.name(a, None, [5, 6])
+    second_serial = blocks.name(b, first_serial, [7, 8])
     blocks.release([a, b])
     assert blocks.num_free == 3
     # found again by their prefix; the last token is always left to compute
-    assert blocks.cached_prefix([5, 6, 7, 8, 9]) == ([a, b], [blocks.hash_of[a], blocks.hash_of[b]])
+    assert blocks.cached_prefix([5, 6, 7, 8, 9]) == ([a, b], [first_serial, second_serial])
     assert blocks.cached_prefix([5, 6, 7, 8])[0] == [a]  # b would cover the last token
     assert blocks.cached_prefix([6, 6, 7, 8])[0] == []  # a different first block
     assert blocks.refs[a] == 2 and blocks.refs[b] == 1 and blocks.num_free == 1
@@ -157,10 +157,53 @@ def test_block_manager_prefix_lookup_and_eviction():
     # fresh blocks come from the never-named one first, then the oldest freed (evicting it)
     first, second = blocks.allocate(), blocks.allocate()
     assert first not in (a, b) and second == b
-    assert a in blocks.hash_of and b not in blocks.hash_of
+    assert a in blocks.name_of and b not in blocks.name_of
     third = blocks.allocate()
-    assert third == a and not blocks.hash_of
+    assert third == a and not blocks.name_of
     with pytest.raises(OutOfBlocks):
         blocks.allocate()
     blocks.release([first, second, third])
     assert blocks.cached_prefix([5, 6, 7, 8, 9])[0] == []  # evicted names are gone
+
+
+def test_block_names_are_exact_under_colliding_hashes(monkeypatch):
+    monkeypatch.setattr(BlockName, "__hash__", lambda self: 0)  # every name in one bucket
+    blocks = BlockManager(num_blocks=4, block_size=2)
+    a, b, c = blocks.allocate(), blocks.allocate(), blocks.allocate()
+    root = blocks.name(a, None, [5, 6])
+    blocks.name(b, root, [7, 8])
+    adapter_root = blocks.name(c, ("adapter", 1), [5, 6])  # same tokens, other weights
+    assert adapter_root != root
+    assert blocks.cached_prefix([5, 6, 7, 8, 0]) == ([a, b], [root, blocks.serial_of[b]])
+    assert blocks.cached_prefix([5, 6, 7, 8, 0], ("adapter", 1))[0] == [c]
+    assert blocks.cached_prefix([7, 8, 5, 6, 0])[0] == []
+    assert blocks.cached_prefix([5, 7, 0])[0] == []
+    # the same prefix computed twice keeps the first block's name
+    d = blocks.allocate()
+    assert blocks.name(d, None, [5, 6]) == root and d not in blocks.name_of
+
+
+def test_an_evicted_parent_orphans_its_descendants():
+    blocks = BlockManager(num_blocks=2, block_size=2)
+    a, b = blocks.allocate(), blocks.allocate()
+    blocks.name(b, blocks.name(a, None, [5, 6]), [7, 8])
+    blocks.release([a]), blocks.release([b])  # a is evicted first, b stays named
+    assert blocks.allocate() == a
+    blocks.name(a, None, [1, 2])
+    blocks.release([a])
+    # b followed [5, 6], not [1, 2]: it must not be found after the block that now holds [1, 2]
+    assert blocks.cached_prefix([1, 2, 7, 8, 0])[0] == [a]
+
+
+def test_engine_output_is_exact_when_every_block_name_collides(tiny, monkeypatch):
+    monkeypatch.setattr(BlockName, "__hash__", lambda self: 0)
+    e = engine(tiny, num_blocks=200)
+    shared = prompts(1, seed=3)[0][:8]
+    ps = prompts(6, seed=4) + [shared + [1, 2, 3, 4, 5], shared + [6]]
+    events = run_to_completion(e, [Request(str(i), p, 12) for i, p in enumerate(ps)])
+    events |= run_to_completion(e, [Request(f"again{i}", p, 12) for i, p in enumerate(ps)])
+    for i, p in enumerate(ps):
+        assert tokens_of(events[str(i)][0]) == alone(tiny, p, 12)
+        assert tokens_of(events[f"again{i}"][0]) == alone(tiny, p, 12)
+    assert e.stats.prefix_blocks_hit > 0
+    e.stop()

@@ -32,7 +32,7 @@ from herd.tokenizer.chat import (
     chat_format,
 )
 from herd.tokenizer.llama3 import PATTERN
-from herd.tokenizer.tools import custom_tools_prompt, system_prompt
+from herd.tokenizer.tools import ToolCallStream, custom_tools_prompt, system_prompt
 
 # --- fixtures ------------------------------------------------------------------------------------
 
@@ -459,6 +459,62 @@ def test_decode_assistant_matches_llama_models(name, ours, reference):
     ]
     assert all(c["type"] == "function" and c["id"] for c in calls)
     assert decoded["content"] == (None if calls else expected.content)
+
+
+def streamed_reply(ids: list[int], ours: ChatFormat) -> tuple[list[dict], int | None]:
+    """The deltas a ToolCallStream sends for generated ids fed one at a time, as the server feeds
+    it, and how many ids had been fed when the first tool call was announced."""
+    tokenizer = ours.tokenizer
+    special = tokenizer.special_tokens
+    stops = {special["<|eot_id|>"], special["<|eom_id|>"]}
+    python_tag = ids[:1] == [special["<|python_tag|>"]]
+    stream, decoder = ToolCallStream(python_tag), tokenizer.stream_decoder()
+    deltas, announced = [], None
+    for n, token in enumerate(ids, 1):
+        if token in stops:
+            break
+        piece = "" if python_tag and n == 1 else decoder.add(token)
+        deltas += stream.feed(piece)
+        if announced is None and any("tool_calls" in d for d in deltas):
+            announced = n
+    deltas += stream.feed(decoder.flush())
+    return deltas + stream.finish(ours.decode_assistant(ids)), announced
+
+
+def assemble(deltas: list[dict]) -> tuple[str, list[dict]]:
+    """What an OpenAI client builds from streamed deltas: the content, and each call's name and
+    arguments concatenated by index."""
+    content, calls = "", {}
+    for delta in deltas:
+        content += delta.get("content") or ""
+        for part in delta.get("tool_calls", []):
+            call = calls.setdefault(part["index"], {"name": "", "arguments": "", "id": None})
+            call["id"] = call["id"] or part.get("id")
+            call["name"] += part.get("function", {}).get("name", "")
+            call["arguments"] += part.get("function", {}).get("arguments", "")
+    return content, [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("name", [*GENERATED_TEXT, *GENERATED_MESSAGES])
+def test_streamed_tool_calls_assemble_to_llama_models_reading(name, ours, reference):
+    ids = generated_ids(name, reference)
+    expected = reference.decode_assistant_message(ids, StopReason.out_of_tokens)
+    deltas, announced = streamed_reply(ids, ours)
+    content, calls = assemble(deltas)
+    assert [c["name"] for c in calls] == [
+        getattr(c.tool_name, "value", c.tool_name) for c in expected.tool_calls
+    ]
+    assert [json.loads(c["arguments"]) for c in calls] == [c.arguments for c in expected.tool_calls]
+    assert all(c["id"] for c in calls)
+    if not calls:
+        assert content.strip() == expected.content.strip()
+    else:
+        assert content == ""
+    incremental = ("md_json_call", "md_function_tag", "custom_json", "function_tag")
+    if name in incremental:  # announced early, arguments in several pieces
+        assert announced is not None and announced < len(ids) - 2
+        fragments = [d for d in deltas if "tool_calls" in d and "id" not in d["tool_calls"][0]]
+        assert len(fragments) > 2
 
 
 @pytest.mark.parametrize("name", GENERATED_MESSAGES)

@@ -40,6 +40,16 @@ Adapter = Annotated[
     str | None,
     typer.Option(help="A PEFT-format LoRA adapter directory, folded into the weights at load."),
 ]
+Draft = Annotated[
+    str | None,
+    typer.Option(
+        help="Speculative decoding: a smaller model with the same tokenizer (a path, loaded "
+        "like --model) or 'ngram' (prompt lookup). Same output, fewer target passes.",
+    ),
+]
+DraftTokens = Annotated[
+    int, typer.Option("--draft-tokens", help="Tokens drafted per speculative round.")
+]
 MaxSeqLen = Annotated[
     int | None,
     typer.Option(help="Context window in tokens (bounds the KV cache). Default: the model's."),
@@ -53,6 +63,8 @@ def load_llama(
     max_seq_len: int | None,
     compile: bool,
     adapter: str | None = None,
+    draft: str | None = None,
+    draft_tokens: int = 4,
 ) -> Llama:
     from herd.checkpoint import CheckpointError
     from herd.infer import Llama
@@ -66,6 +78,8 @@ def load_llama(
                 max_seq_len=max_seq_len,
                 compile=compile,
                 adapter=adapter,
+                draft=draft,
+                draft_tokens=draft_tokens,
             )
     except (CheckpointError, FileNotFoundError, ValueError, NotImplementedError) as e:
         fail(str(e))
@@ -88,9 +102,11 @@ def generate(
     max_seq_len: MaxSeqLen = None,
     compile: Compile = False,
     adapter: Adapter = None,
+    draft: Draft = None,
+    draft_tokens: DraftTokens = 4,
 ) -> None:
     """Continue a prompt (no chat format) and stream the continuation."""
-    llama = load_llama(model, dtype, quantize, max_seq_len, compile, adapter)
+    llama = load_llama(model, dtype, quantize, max_seq_len, compile, adapter, draft, draft_tokens)
     sampling = _sampling(temperature, top_p, top_k, seed)
     try:
         for delta in llama.stream(prompt, max_new_tokens=max_new_tokens, **sampling):
@@ -117,12 +133,14 @@ def chat(
     max_seq_len: MaxSeqLen = None,
     compile: Compile = False,
     adapter: Adapter = None,
+    draft: Draft = None,
+    draft_tokens: DraftTokens = 4,
 ) -> None:
     """Chat with a model: replies stream as they are generated. /reset starts over, /exit quits.
 
     History is kept within the context window: when full, the oldest turns go, with a notice.
     """
-    llama = load_llama(model, dtype, quantize, max_seq_len, compile, adapter)
+    llama = load_llama(model, dtype, quantize, max_seq_len, compile, adapter, draft, draft_tokens)
     session = ChatSession(llama, system, max_new_tokens, _sampling(temperature, top_p, top_k, seed))
     if message is not None:
         session.reply(message)

@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from herd.infer.cache import StaticKVCache
-from herd.infer.generate import EagerRunner
 from herd.model import Transformer
-from herd.model.llama import causal_mask
 
 MIN_SLOTS = 256
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -84,48 +80,3 @@ def compiled_step(model: Transformer):
             step, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None
         )
     return _compiled[model]
-
-
-class CompiledRunner(EagerRunner):
-    """`EagerRunner` over a static cache of `slot_bucket` slots; decode steps run compiled."""
-
-    cache_type = StaticKVCache
-    cache_slots = staticmethod(slot_bucket)
-
-    def __init__(self, model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int):
-        super().__init__(model, prompts, max_new_tokens)
-        slots = self.cache.slots
-        # valid[b, 0, 0, s]: slot s of row b holds a real token written so far
-        self.valid = torch.zeros(
-            len(prompts), 1, 1, slots, dtype=torch.bool, device=self.batch.tokens.device
-        )
-        self.next_slot = self.batch.width
-        self.step_fn = compiled_step(model)
-
-    def prefill(self) -> torch.Tensor:
-        """Eager: a prompt-length pass runs once per request and would compile per length."""
-        width, slots = self.batch.width, self.valid.shape[-1]
-        mask = self.batch.prefill_mask()
-        if mask is None:
-            mask = causal_mask(width, 0, self.valid.device)[None, None]
-        full = torch.zeros(*mask.shape[:-1], slots, dtype=torch.bool, device=mask.device)
-        full[..., :width] = mask
-        self.cache.write_slots = torch.arange(width, device=self.valid.device)
-        logits = self.model(
-            self.batch.tokens,
-            self.batch.prefill_positions(),
-            full,
-            cache=self.cache,
-            last_only=True,
-        )[:, -1]
-        self.valid[:, 0, 0, :width] = self.batch.valid[:, :width]
-        self.cache.write_slots = torch.full((1,), width, device=self.valid.device)
-        return logits
-
-    def decode(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        # In-place updates keep the compiled graph's inputs the same tensors.
-        self.cache.write_slots.fill_(self.next_slot)
-        self.valid[..., self.next_slot] = True
-        self.next_slot += 1
-        positions = self.batch.lengths[:, None] + step
-        return self.step_fn(tokens[:, None], positions, self.valid, self.cache)

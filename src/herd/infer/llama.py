@@ -10,12 +10,21 @@ import torch
 
 from herd.infer.generate import Step, decode_steps
 from herd.infer.sampling import SamplingParams
+from herd.infer.speculative import (
+    Drafter,
+    ModelDrafter,
+    NgramDrafter,
+    SpeculationStats,
+    check_vocab,
+    speculative_steps,
+)
 from herd.infer.text import Completion, GeneratedText
 from herd.model import Transformer
 from herd.tokenizer import Tokenizer, chat_format
 
 Prompt = str | Sequence[int]
 Messages = Sequence[Mapping[str, Any]]
+Draft = Transformer | Drafter | str
 
 
 class Llama:
@@ -28,6 +37,12 @@ class Llama:
     compile: run decode steps through torch.compile on a static KV cache (herd.infer.compile).
     The first generation of each (batch size, cache bucket) pays the compilation, about a
     minute for SmolLM2 on 2 CPU cores; later ones decode ~1.5-2.4x faster on the CPU.
+
+    draft: speculative decoding (herd.infer.speculative) with a smaller model of the same
+    vocabulary, "ngram" for prompt lookup, or any `Drafter`; `draft_tokens` are proposed per
+    round, and `speculation` counts what was drafted and accepted. It decodes one prompt at a
+    time, eagerly; the output is what the model alone would give (greedy: the same tokens;
+    sampled: the same distribution).
     """
 
     def __init__(
@@ -36,11 +51,18 @@ class Llama:
         tokenizer: Tokenizer,
         max_seq_len: int | None = None,
         compile: bool = False,
+        draft: Draft | None = None,
+        draft_tokens: int = 4,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len or model.config.max_seq_len
         self.compile = compile
+        if draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+        self.drafter = _drafter(model, draft)
+        self.draft_tokens = draft_tokens
+        self.speculation = SpeculationStats()
         self._chat = None
 
     @classmethod
@@ -53,6 +75,8 @@ class Llama:
         device: str | torch.device = "cpu",
         compile: bool = False,
         adapter: str | Path | None = None,
+        draft: str | Path | Transformer | Drafter | None = None,
+        draft_tokens: int = 4,
     ) -> Llama:
         """Load a checkpoint (HF dir, Meta dir, .gguf, or "smollm2") and its tokenizer.
 
@@ -60,6 +84,8 @@ class Llama:
         compile: see the class docstring.
         adapter: a PEFT-format LoRA adapter directory, folded into the weights before any
             quantization.
+        draft: a checkpoint path (loaded like the model, same dtype and device), "ngram", a
+            model or a `Drafter`; see the class docstring.
         """
         from herd.adapters import fold_adapter
         from herd.checkpoint import load_model
@@ -73,7 +99,9 @@ class Llama:
             fold_adapter(model, *read_peft_adapter(adapter, model.config))
         if quantize is not None:
             model = _quantize(model, quantize)
-        return cls(model, load_tokenizer(path), max_seq_len, compile)
+        if isinstance(draft, str | Path) and str(draft) != "ngram":
+            draft = load_model(draft, dtype=dtype, device=device)
+        return cls(model, load_tokenizer(path), max_seq_len, compile, draft, draft_tokens)
 
     @property
     def chat_format(self) -> Any:
@@ -192,14 +220,41 @@ class Llama:
         if seed is not None:
             device = self.model.tok_embeddings.weight.device
             generator = torch.Generator(device=device).manual_seed(seed)
-        for step in decode_steps(
-            self.model, prompts, steps, params, generator, logprobs, compile=self.compile
-        ):
+        for step in self._decode(prompts, steps, params, generator, logprobs):
             for i, row in enumerate(rows):
                 row.add(step.tokens[i], step.logprobs[i] if step.logprobs else None)
             yield step
             if all(row.finish_reason is not None for row in rows):
                 return
+
+    def _decode(
+        self,
+        prompts: list[list[int]],
+        steps: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        logprobs: bool,
+    ) -> Iterator[Step]:
+        if self.drafter is None:
+            return decode_steps(
+                self.model, prompts, steps, params, generator, logprobs, compile=self.compile
+            )
+        if len(prompts) > 1:
+            raise ValueError(
+                f"speculative decoding takes one prompt at a time, got {len(prompts)}: call "
+                "generate once per prompt, or load without draft= to decode them as a batch"
+            )
+        return speculative_steps(
+            self.model,
+            self.drafter,
+            prompts[0],
+            steps,
+            params,
+            generator,
+            logprobs,
+            k=self.draft_tokens,
+            stats=self.speculation,
+        )
 
     def _fit(self, ids: list[int], max_new_tokens: int, truncate: bool) -> list[int]:
         window = self.max_seq_len
@@ -250,6 +305,17 @@ def _is_messages(prompt: Any) -> bool:
         and bool(prompt)
         and isinstance(prompt[0], Mapping)
     )
+
+
+def _drafter(model: Transformer, draft: Draft | None) -> Drafter | None:
+    if draft is None or isinstance(draft, Drafter):
+        return draft
+    if isinstance(draft, Transformer):
+        check_vocab(model, draft)
+        return ModelDrafter(draft)
+    if draft == "ngram":
+        return NgramDrafter()
+    raise ValueError(f"draft must be a model, a checkpoint path or 'ngram', got {draft!r}")
 
 
 def _check_quantize(method: str) -> None:

@@ -5,16 +5,19 @@ sequence owns a list of blocks (its block table); token i of it sits in slot
 `table[i // block_size] * block_size + i % block_size`. Blocks are handed out from a free list
 and given back when a sequence finishes, so sequences of any length share the memory.
 
-Prefix caching: a full block is named by a hash of its tokens and of everything before them.
+Prefix caching: a full block is named by its tokens and the block before it (`BlockName`).
 When a new sequence starts with the same tokens (a shared system prompt, the other choices of
 an `n > 1` request), it takes the cached block instead of computing it again. Freed blocks
-keep their contents and name until the free list needs them, oldest first.
+keep their contents and name until the free list needs them, oldest first. Names are compared
+exactly, tokens and all, so two prefixes whose hashes collide can never share keys and values.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -26,23 +29,34 @@ class OutOfBlocks(RuntimeError):
     """No free block is left; the scheduler preempts a sequence and tries again."""
 
 
-def block_hash(parent: Hashable, tokens: Sequence[int]) -> int:
-    return hash((parent, tuple(tokens)))
+@dataclass(frozen=True)
+class BlockName:
+    """What a full block holds: these tokens, after the prefix whose last block got serial
+    number `parent` (or, for a first block, after the chain root: None, or an adapter's)."""
+
+    parent: Hashable
+    tokens: tuple[int, ...]
 
 
 class BlockManager:
     """Which blocks are free, which are in use (and by how many sequences), and which hold a
-    known prefix. Pure bookkeeping: no tensors."""
+    known prefix. Pure bookkeeping: no tensors.
+
+    A named block also gets a serial number, never reused, that names it as a parent: an
+    evicted block's descendants then become unreachable instead of being found under a
+    block that now holds other tokens."""
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("need at least one block of at least one token")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.refs = [0] * num_blocks
-        # Free blocks in eviction order; those with a name are still reusable by hash.
+        # Free blocks in eviction order; those with a name are still reusable by it.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.by_hash: dict[int, int] = {}
-        self.hash_of: dict[int, int] = {}
+        self.by_name: dict[BlockName, int] = {}
+        self.name_of: dict[int, BlockName] = {}
+        self.serial_of: dict[int, int] = {}
+        self._serials = itertools.count()
 
     @property
     def num_free(self) -> int:
@@ -53,8 +67,9 @@ class BlockManager:
         if not self.free:
             raise OutOfBlocks("the KV cache is full")
         block, _ = self.free.popitem(last=False)
-        if (name := self.hash_of.pop(block, None)) is not None:
-            del self.by_hash[name]
+        if (name := self.name_of.pop(block, None)) is not None:
+            del self.by_name[name]
+            del self.serial_of[block]
         self.refs[block] = 1
         return block
 
@@ -62,30 +77,36 @@ class BlockManager:
         self, tokens: Sequence[int], root: Hashable = None
     ) -> tuple[list[int], list[int]]:
         """Blocks already holding the leading full blocks of `tokens`, claimed for the caller,
-        and their names. Stops at the first miss. The last token is never covered: its logits
-        are needed, so at least one token is always computed. `root` starts the chain of names:
+        and their serial numbers. Stops at the first miss. The last token is never covered: its
+        logits are needed, so at least one token is always computed. `root` starts the chain:
         keys and values computed under different weights (adapters) never match."""
-        blocks, names, parent = [], [], root
+        blocks, serials, parent = [], [], root
         size = self.block_size
         for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % size, size):
-            name = block_hash(parent, tokens[start : start + size])
-            block = self.by_hash.get(name)
+            block = self.by_name.get(BlockName(parent, tuple(tokens[start : start + size])))
             if block is None:
                 break
             if self.refs[block] == 0:
                 del self.free[block]
             self.refs[block] += 1
             blocks.append(block)
-            names.append(name)
-            parent = name
-        return blocks, names
+            parent = self.serial_of[block]
+            serials.append(parent)
+        return blocks, serials
 
-    def name(self, block: int, name: int) -> None:
-        """Record that a full, written block holds the prefix called `name`."""
-        if name in self.by_hash or block in self.hash_of:
-            return  # another sequence computed the same prefix first; keep that one
-        self.by_hash[name] = block
-        self.hash_of[block] = name
+    def name(self, block: int, parent: Hashable, tokens: Sequence[int]) -> int:
+        """Record that a full, written block holds `tokens` after the prefix `parent` (the
+        previous block's serial number, or the chain root); returns the serial number that
+        names this prefix as the next block's parent."""
+        name = BlockName(parent, tuple(tokens))
+        if (known := self.by_name.get(name)) is not None:
+            return self.serial_of[known]  # another sequence computed it first; keep that one
+        if block in self.name_of:
+            raise ValueError(f"block {block} already holds {self.name_of[block]}")
+        self.by_name[name] = block
+        self.name_of[block] = name
+        self.serial_of[block] = next(self._serials)
+        return self.serial_of[block]
 
     def release(self, blocks: Sequence[int]) -> None:
         """Give back a sequence's blocks; named ones stay findable until reused."""

@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP API over an `Engine`: /v1/models, /v1/completions,
 /v1/chat/completions (with streaming as server-sent events), /health and /metrics.
 
-Request bodies are parsed by hand (strict UTF-8, then JSON, then a strict pydantic schema with
-no unknown fields) so that every bad request gets a 400 in OpenAI's error shape that says what
-to fix. Model work happens in the engine's thread; handlers only await its events.
+The routes and the request handling; the request and response shapes are herd.serve.schema's,
+the metrics herd.serve.metrics'. Model work happens in the engine's thread; handlers only await
+its events.
 """
 
 from __future__ import annotations
@@ -17,175 +17,26 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from prometheus_client import generate_latest
+from pydantic import ValidationError
 
 from herd.infer import Llama
-from herd.infer.sampling import SamplingParams
 from herd.serve import engine as eng
-from herd.tokenizer.tools import DialogError
-
-MAX_N = 16
-MAX_STOPS = 8
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = ""):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param}}
-        body["error"]["code"] = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(
-            self.status
-        )
-        return JSONResponse(body, status_code=self.status)
-
-
-# ---------------------------------------------------------------------------- request schemas
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
-    stream_options: dict[str, bool] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
-    ignore_eos: bool = False  # vLLM's extension: only max_tokens ends a choice (benchmarks)
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-        )
-
-    def stops(self) -> tuple[str, ...]:
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if len(stops) > MAX_STOPS:
-            raise ApiError(400, f"at most {MAX_STOPS} stop sequences are supported", "stop")
-        return stops
-
-    def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
-
-
-class CompletionBody(_Body):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class ChatBody(_Body):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
-    logprobs: bool = False
-    top_logprobs: int = Field(0, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto"] | None = None
-
-
-# ---------------------------------------------------------------------------- metrics
-
-
-class _EngineCollector:
-    """Engine counters and gauges, read at scrape time."""
-
-    def __init__(self, engine: eng.Engine):
-        self.engine = engine
-
-    def collect(self):
-        e, stats = self.engine, self.engine.stats
-        counters = {
-            "herd_prompt_tokens": ("Prompt tokens submitted.", stats.prompt_tokens),
-            "herd_generation_tokens": ("Tokens generated.", stats.generated_tokens),
-            "herd_prefix_cached_tokens": (
-                "Prompt tokens served from the prefix cache.",
-                stats.cached_prompt_tokens,
-            ),
-            "herd_preemptions": ("Sequences preempted for KV cache space.", stats.preemptions),
-            "herd_forward_passes": ("Model forward passes.", stats.steps),
-            "herd_batched_sequences": (
-                "Sequences summed over forward passes (/ passes = mean batch size).",
-                stats.batched_sequences,
-            ),
-        }
-        for name, (doc, value) in counters.items():
-            yield CounterMetricFamily(name, doc, value=value)
-        queried = stats.prefix_blocks_queried
-        hit_rate = stats.prefix_blocks_hit / queried if queried else 0.0
-        gauges = {
-            "herd_queue_depth": ("Sequences waiting to start.", e.queue_depth),
-            "herd_running_sequences": ("Sequences in the running batch.", e.num_running),
-            "herd_batch_size": ("Sequences in the latest forward pass.", stats.last_batch),
-            "herd_kv_blocks_free": ("Free KV cache blocks.", e.free_blocks),
-            "herd_kv_blocks_total": ("KV cache blocks.", e.total_blocks),
-            "herd_prefix_cache_hit_rate": ("Prefix-cache block hits / lookups.", hit_rate),
-        }
-        for name, (doc, value) in gauges.items():
-            yield GaugeMetricFamily(name, doc, value=value)
-
-
-@dataclass
-class _Metrics:
-    registry: CollectorRegistry
-    requests: Counter
-    ttft: Histogram
-    itl: Histogram
-    latency: Histogram
-
-    @classmethod
-    def create(cls, engine: eng.Engine) -> _Metrics:
-        registry = CollectorRegistry()
-        registry.register(_EngineCollector(engine))
-        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-        return cls(
-            registry,
-            Counter("herd_requests", "HTTP requests.", ["endpoint", "status"], registry=registry),
-            Histogram(
-                "herd_time_to_first_token_seconds",
-                "Arrival to first token.",
-                registry=registry,
-                buckets=buckets,
-            ),
-            Histogram(
-                "herd_inter_token_latency_seconds",
-                "Time between tokens of a choice.",
-                registry=registry,
-                buckets=buckets,
-            ),
-            Histogram(
-                "herd_request_latency_seconds",
-                "Arrival to last token.",
-                registry=registry,
-                buckets=buckets,
-            ),
-        )
-
-
-# ---------------------------------------------------------------------------- the app
+from herd.serve.metrics import Metrics
+from herd.serve.schema import (
+    MAX_N,
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    RequestBody,
+    delta_chunk,
+    read_json,
+)
+from herd.tokenizer.tools import DialogError, ToolCallStream
 
 
 @dataclass
@@ -216,7 +67,7 @@ def create_app(llama: Llama, engine: eng.Engine, config: ServerConfig) -> FastAP
         engine.stop()
 
     app = FastAPI(title="herd", lifespan=lifespan)
-    server = _Server(llama, engine, config, _Metrics.create(engine))
+    server = _Server(llama, engine, config, Metrics.create(engine))
     app.state.server = server
 
     @app.exception_handler(ApiError)
@@ -251,13 +102,13 @@ def create_app(llama: Llama, engine: eng.Engine, config: ServerConfig) -> FastAP
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         server.authorize(request)
-        body = CompletionBody.model_validate(await _json(request))
+        body = CompletionBody.model_validate(await read_json(request))
         return await server.completions(request, body)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         server.authorize(request)
-        body = ChatBody.model_validate(await _json(request))
+        body = ChatBody.model_validate(await read_json(request))
         return await server.chat(request, body)
 
     @app.exception_handler(ValidationError)
@@ -272,21 +123,6 @@ def create_app(llama: Llama, engine: eng.Engine, config: ServerConfig) -> FastAP
     return app
 
 
-async def _json(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    return body
-
-
 @dataclass
 class _Choice:
     text: str = ""
@@ -297,7 +133,7 @@ class _Choice:
 
 
 class _Server:
-    def __init__(self, llama: Llama, engine: eng.Engine, config: ServerConfig, metrics: _Metrics):
+    def __init__(self, llama: Llama, engine: eng.Engine, config: ServerConfig, metrics: Metrics):
         self.llama, self.engine, self.config, self.metrics = llama, engine, config, metrics
         specials = sorted(llama.tokenizer.special_tokens, key=len, reverse=True)
         self.special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
@@ -391,25 +227,20 @@ class _Server:
             async def chunks() -> AsyncIterator[dict[str, Any]]:
                 for i in range(body.n):
                     delta = {"role": "assistant", "content": ""}
-                    yield common | {"choices": [_chunk(i, delta, None)]}
+                    yield common | {"choices": [delta_chunk(i, delta, None)]}
                 held: dict[int, list[int]] = {i: [] for i in range(body.n)}
+                calls: dict[int, ToolCallStream] = {}
                 async for _, event in self._stream(request, [job]):
                     if event.token is not None:
                         held[event.index].append(event.token)
-                    if tools:  # tool calls are parsed once the whole reply is known
-                        if event.finish_reason is None:
-                            continue
-                        message = self._assistant(held[event.index], None)
-                        delta = {"content": message.get("content")}
-                        if "tool_calls" in message:
-                            delta = {"tool_calls": _indexed(message["tool_calls"])}
-                        reason = "tool_calls" if "tool_calls" in message else event.finish_reason
-                        yield common | {"choices": [_chunk(event.index, delta, reason)]}
+                    if tools:
+                        for chunk in self._tool_chunks(calls, held, event):
+                            yield common | {"choices": [chunk]}
                         continue
                     if not event.text and event.finish_reason is None:
                         continue
                     delta = {"content": event.text} if event.text else {}
-                    choice = _chunk(event.index, delta, event.finish_reason)
+                    choice = delta_chunk(event.index, delta, event.finish_reason)
                     if body.logprobs and event.token is not None:
                         choice["logprobs"] = {
                             "content": [
@@ -490,7 +321,7 @@ class _Server:
         rid: str,
         ids: list[int],
         max_tokens: int,
-        body: _Body,
+        body: RequestBody,
         logprobs: bool,
         top_logprobs: int = 0,
     ) -> _Job:
@@ -562,6 +393,25 @@ class _Server:
 
     # ------------------------------------------------------------------ response pieces
 
+    def _tool_chunks(
+        self, calls: dict[int, ToolCallStream], held: dict[int, list[int]], event: eng.Event
+    ) -> list[dict[str, Any]]:
+        """A tools request's choice chunks for one event: content, or tool calls in OpenAI's
+        incremental form; the last event's end with the full reply's reading."""
+        i = event.index
+        tag = self.llama.tokenizer.special_tokens.get("<|python_tag|>")
+        opened_by_tag = tag is not None and held[i][:1] == [tag]
+        if i not in calls:
+            calls[i] = ToolCallStream(python_tag=opened_by_tag)
+        tag_itself = opened_by_tag and len(held[i]) == 1 and event.token == tag
+        deltas = calls[i].feed("" if tag_itself else event.text or "")
+        if event.finish_reason is None:
+            return [delta_chunk(i, delta, None) for delta in deltas]
+        deltas += calls[i].finish(self._assistant(held[i], None))
+        reason = "tool_calls" if calls[i].called else event.finish_reason
+        chunks = [delta_chunk(i, delta, None) for delta in deltas[:-1]]
+        return [*chunks, delta_chunk(i, deltas[-1] if deltas else {}, reason)]
+
     def _assistant(self, ids: list[int], text: str | None) -> dict[str, Any]:
         """The reply message: tool calls parsed by the chat format; a stop string's cut text
         wins over the chat format's reading."""
@@ -617,7 +467,7 @@ class _Server:
 class _Job:
     """One engine request seen from the event loop: its events arrive on an asyncio queue."""
 
-    def __init__(self, request: eng.Request, loop: asyncio.AbstractEventLoop, metrics: _Metrics):
+    def __init__(self, request: eng.Request, loop: asyncio.AbstractEventLoop, metrics: Metrics):
         self.request, self.metrics = request, metrics
         self.queue: asyncio.Queue[eng.Event] = asyncio.Queue()
         self.generated = 0
@@ -658,11 +508,3 @@ class _Job:
             if event.finish_reason is not None:
                 choice.finish_reason = event.finish_reason
         return choices
-
-
-def _chunk(index: int, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-
-
-def _indexed(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"index": i} | call for i, call in enumerate(calls)]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from herd.adapters.lora import MultiLoRALinear, select_adapters
-from herd.infer.paged import OutOfBlocks, PagedKVCache, block_hash
+from herd.infer.paged import OutOfBlocks, PagedKVCache
 from herd.infer.sampling import SamplingParams, sample, token_logprobs
 from herd.infer.text import GeneratedText
 from herd.model import Transformer
@@ -72,7 +72,7 @@ class _Sequence:
         self.request, self.index, self.text, self.order = request, index, text, order
         self.tokens = list(request.prompt)
         self.table: list[int] = []
-        self.names: list[int] = []  # prefix names of the leading full blocks
+        self.names: list[int] = []  # serial numbers of the leading full blocks' prefix names
         self.computed = 0  # tokens whose keys and values are in the cache
         self.generator = None
         if request.seed is not None:
@@ -362,9 +362,8 @@ class Engine:
         while len(seq.names) < seq.computed // size:
             i = len(seq.names)
             parent = seq.names[-1] if seq.names else _cache_root(seq)
-            name = block_hash(parent, seq.tokens[i * size : (i + 1) * size])
-            self.cache.blocks.name(seq.table[i], name)
-            seq.names.append(name)
+            tokens = seq.tokens[i * size : (i + 1) * size]
+            seq.names.append(self.cache.blocks.name(seq.table[i], parent, tokens))
 
     # ------------------------------------------------------------------ sampling and output
 

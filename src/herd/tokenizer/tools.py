@@ -200,6 +200,115 @@ def _builtin_in_custom_format(call: ToolCall) -> ToolCall:
     return call
 
 
+# --- tool calls streamed as they are generated ---------------------------------------------------
+
+# The start of a JSON call (herd writes "type" first, the reference models often omit it) or of a
+# <function=name> call, up to the "{" that opens its arguments.
+_JSON_CALL_HEAD = re.compile(
+    r'\s*\{\s*(?:"type"\s*:\s*"function"\s*,\s*)?"name"\s*:\s*"(?P<name>(?:[^"\\]|\\.)*)"'
+    r'\s*,\s*"(?:parameters|arguments)"\s*:\s*(?=\{)'
+)
+_TAG_CALL_HEAD = re.compile(r"\s*<function=(?P<name>[^>]+)>(?=\{)")
+# A builtin call's start, `brave_search.call(`, or as much of it as has been generated;
+# group 1 is set once it is whole.
+_BUILTIN_CALL_START = re.compile(r"\w*(?:\.(?:c(?:a(?:l(?:l(\()?)?)?)?)?)?")
+
+
+class ToolCallStream:
+    """A reply read as it is generated, as OpenAI's streamed deltas: prose as content pieces, or
+    a tool call's id and name as soon as they are read and then its arguments in fragments that
+    concatenate to their JSON text (Llama 3.1's JSON calls and `<function=name>{...}` calls).
+
+    A reply that starts like a call ("{", "[", "<", `tool.call(`), or any reply after
+    <|python_tag|> (feed the text that follows the tag), is held until it is known to be one; calls in the other
+    forms (Python lists, builtin tools, code for code_interpreter) and any calls after the first
+    are sent whole by `finish`, which reads the final message as the non-streamed response does.
+    A call whose arguments were cut off (max_tokens) stays as sent."""
+
+    def __init__(self, python_tag: bool = False):
+        self.text = ""
+        self.python_tag = python_tag
+        # start -> content | head -> arguments -> after, or hold: everything waits for finish
+        self.state = "start"
+        self.streamed = 0  # tool calls sent
+        self._read = 0  # characters of text consumed
+        self._depth, self._in_string, self._escape = 0, False, False
+
+    @property
+    def called(self) -> bool:
+        return self.streamed > 0
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        """The deltas that `piece`, the next text of the reply, makes known."""
+        self.text += piece
+        if self.state == "start":
+            stripped = self.text.lstrip()
+            if not stripped:
+                return []
+            builtin = _BUILTIN_CALL_START.match(stripped)
+            if builtin.end() == len(stripped) and not builtin[1]:
+                return []  # a first word that may yet become `tool.call(`
+            if builtin[1] or self.python_tag:
+                self.state = "hold"
+            elif stripped[0] not in "{[<":
+                self.state = "content"
+                return [{"content": self.text}]
+            self.state = "head"
+        if self.state == "content":
+            return [{"content": piece}] if piece else []
+        deltas = []
+        if self.state == "head":
+            head = _JSON_CALL_HEAD.match(self.text) or _TAG_CALL_HEAD.match(self.text)
+            if head is None:
+                return []
+            name = head["name"]
+            if head.re is _JSON_CALL_HEAD:
+                name = json.loads(f'"{name}"')
+            call = ToolCall(name, {}).openai() | {"index": 0}
+            call["function"]["arguments"] = ""
+            deltas.append({"tool_calls": [call]})
+            self.state, self._read, self.streamed = "arguments", head.end(), 1
+        if self.state == "arguments" and (fragment := self._arguments()):
+            deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]})
+        return deltas
+
+    def _arguments(self) -> str:
+        """The new text of the arguments object, up to the brace that closes it."""
+        start = end = self._read
+        for end in range(start, len(self.text)):
+            char = self.text[end]
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif char == "\\":
+                    self._escape = True
+                elif char == '"':
+                    self._in_string = False
+            elif char == '"':
+                self._in_string = True
+            elif char in "{}":
+                self._depth += 1 if char == "{" else -1
+                if self._depth == 0:
+                    self.state, self._read = "after", end + 1
+                    return self.text[start : end + 1]
+        self._read = len(self.text)
+        return self.text[start:]
+
+    def finish(self, message: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The last deltas, from the final assistant `message` (`decode_assistant`'s reading)."""
+        calls = message.get("tool_calls") or []
+        if self.state in ("start", "head", "hold") and not calls:
+            return [{"content": message.get("content") or ""}] if self.text else []
+        rest = calls[self.streamed :] if self.called else calls
+        first = self.streamed
+        self.streamed += len(rest)
+        return (
+            [{"tool_calls": [call | {"index": first + i} for i, call in enumerate(rest)]}]
+            if rest
+            else []
+        )
+
+
 # --- the tool system prompt ----------------------------------------------------------------------
 
 
