@@ -10,7 +10,8 @@ the same for every row. Rows:
 - herd plain (eager, and compiled after an untimed warm-up) and transformers `generate`;
 - herd with prompt lookup (`draft="ngram"`) and transformers' prompt lookup
   (`prompt_lookup_num_tokens`), both greedy; herd's also sampled (temperature 0.6, top-p 0.9);
-- herd with SmolLM2 itself quantised to int8 as the draft model, greedy and sampled.
+- herd with SmolLM2 itself quantised to int8 as the draft model, greedy and sampled;
+- with `--draft PATH`, herd with that model as the draft (a `herd distill` student).
 
 Greedy rows also check that the tokens equal plain greedy decoding. Speed-up is against the
 same engine's plain row of the same mode.
@@ -50,6 +51,9 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled row")
+    parser.add_argument(
+        "--draft", help="also a draft model from this path (e.g. a `herd distill` RUN/student)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -100,6 +104,14 @@ def main() -> None:
     drafted = Llama(plain.model, plain.tokenizer, draft=int8, draft_tokens=k)
     herd_row("int8 SmolLM2 draft", drafted, greedy, plain_greedy)
     herd_row("int8 SmolLM2 draft", drafted, sampled)
+    if args.draft:
+        from herd.checkpoint import load_model
+
+        student = load_model(args.draft, dtype=torch.float32)
+        label = f"{student.config.n_layers}-block draft"
+        own = Llama(plain.model, plain.tokenizer, draft=student, draft_tokens=k)
+        herd_row(label, own, greedy, plain_greedy)
+        herd_row(label, own, sampled)
 
     transformers_rows(path, prompts, args.new_tokens, k, rows, console)
     print_table(rows, args.new_tokens * len(prompts), console)

@@ -4,6 +4,7 @@ chi-square test on a small vocabulary."""
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import pytest
@@ -41,13 +42,21 @@ def smollm2_greedy(smollm2_path, smollm2_transformers, smollm2_transformers_toke
     return out
 
 
+@pytest.fixture(scope="module")
+def smollm2_target(smollm2_path):
+    return Llama.load(smollm2_path, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("draft", ["ngram", "int8"])
-def test_speculative_greedy_equals_greedy_on_smollm2(smollm2_path, smollm2_greedy, draft):
+def test_speculative_greedy_equals_greedy_on_smollm2(smollm2_target, smollm2_greedy, draft):
+    from herd.quantize import quantize_model
+
+    target = smollm2_target.model
     if draft == "ngram":
         drafter = "ngram"
     else:  # SmolLM2 quantized to int8: a draft that is mostly, not always, right
-        drafter = Llama.load(smollm2_path, dtype=torch.float32, quantize="int8").model
-    llm = Llama.load(smollm2_path, dtype=torch.float32, draft=drafter, draft_tokens=4)
+        drafter = quantize_model(copy.deepcopy(target), "int8")
+    llm = Llama(target, smollm2_target.tokenizer, draft=drafter, draft_tokens=4)
     for text in PROMPTS:
         completion = llm.generate(text, max_new_tokens=64, temperature=0, stop_ids=[])[0]
         assert completion.token_ids == smollm2_greedy[text], text

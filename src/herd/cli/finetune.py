@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Annotated
@@ -100,6 +101,56 @@ def finetune(
         console.print(table)
     if f.method != "full":
         console.print(f"adapter (PEFT format): {trainer.run_dir / 'adapter'}")
+
+
+def distill(
+    teacher: Annotated[
+        str, typer.Argument(help="The teacher: any checkpoint herd reads, 'smollm2' or a run.")
+    ],
+    recipe: Annotated[
+        Path, typer.Argument(help="Distillation recipe (TOML), e.g. recipes/distill-smollm2.toml.")
+    ],
+    set_: Overrides = None,
+    resume: Resume = False,
+) -> None:
+    """Train a small student on a teacher's next-token distributions (logit distillation).
+
+    The recipe is a fine-tuning recipe whose \\[finetune] base (default: the teacher) is the
+    student's start; \\[distill] layers picks the blocks it keeps, temperature and kl_weight
+    shape the loss. The student keeps the teacher's vocabulary and lands in RUN/student as an HF
+    checkpoint: a draft for `herd generate --model TEACHER --draft RUN/student`. Prints the
+    student's top-1 agreement with the teacher on the validation rows before and after.
+    """
+    import logging
+
+    from herd.config.distill import distill_from_dict
+    from herd.config.train import ConfigError, load_config
+    from herd.finetune.data import DataError
+    from herd.finetune.distill import STUDENT_DIR, Distiller
+    from herd.train.checkpoint import CheckpointCorrupt
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config = load_config(
+            recipe,
+            [f"distill.teacher={json.dumps(teacher)}", *(set_ or [])],
+            build=distill_from_dict,
+        )
+        trainer = Distiller(config, resume=resume)
+    except (ConfigError, DataError, FileNotFoundError, CheckpointCorrupt, ValueError) as e:
+        fail(str(e))
+    d = config.distill
+    console.print(
+        f"distilling {teacher} into {trainer.model_config.n_layers} blocks of "
+        f"{config.finetune.base} ({trainer.model_config.num_params() / 1e6:.1f}M parameters), "
+        f"temperature {d.temperature}, kl_weight {d.kl_weight}"
+    )
+    before = trainer.agreement()
+    train(trainer, "distill")
+    after = trainer.agreement()
+    if before is not None:
+        console.print(f"top-1 agreement with the teacher (validation): {before:.1%} -> {after:.1%}")
+    console.print(f"student: {trainer.run_dir / STUDENT_DIR}")
 
 
 def synth_task(

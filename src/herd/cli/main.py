@@ -49,6 +49,7 @@ app.command(
     },
 )(eval_cli.lm_eval)
 app.command()(finetune_cli.finetune)
+app.command()(finetune_cli.distill)
 app.command()(finetune_cli.merge)
 app.command("synth-task")(finetune_cli.synth_task)
 app.command()(finetune_cli.average)
