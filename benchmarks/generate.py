@@ -45,6 +45,7 @@ CONFIGS = [
     ("herd", "bf16"),
     ("herd", "int8"),
     ("herd", "int4"),
+    ("herd", "w8a8"),
     ("herd --compile", "fp32"),
     ("herd --compile", "bf16"),
     ("herd --compile", "int8"),
@@ -125,7 +126,7 @@ def run_herd(precision: str, paths: dict, job: dict) -> dict:
     from herd.quantize import quantize_model
 
     model = herd.load_model(paths["hf"], dtype="bf16" if precision == "bf16" else "f32")
-    if precision in ("int8", "int4"):
+    if precision in ("int8", "int4", "w8a8"):
         quantize_model(model, precision)
     model.eval()
     # Matrices a decode step reads: everything but the embedding table, unless it is the head.

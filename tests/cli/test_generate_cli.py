@@ -19,8 +19,8 @@ def loaded(monkeypatch, smollm2):
     """`Llama.load` returns the preloaded model, with the window the command asked for."""
 
     def load(path, dtype=None, quantize=None, max_seq_len=None, compile=False, adapter=None,
-             draft=None, draft_tokens=4):  # fmt: skip
-        assert path == "smollm2" and adapter is None
+             draft=None, draft_tokens=4, tp=1):  # fmt: skip
+        assert path == "smollm2" and adapter is None and tp == 1
         calls.append({"compile": compile})
         # Compiling SmolLM2 takes a minute; tests/infer/test_compile.py covers that path.
         return Llama(smollm2.model, smollm2.tokenizer, max_seq_len, draft=draft,

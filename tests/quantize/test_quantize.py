@@ -26,7 +26,7 @@ from herd.quantize import (
 )
 from herd.quantize.fp8 import FP8_MAX, quantize_fp8_rows
 from herd.quantize.int4 import quantize_int4, round_to_range
-from herd.quantize.int8 import quantize_int8
+from herd.quantize.int8 import W8A8Linear, quantize_int8
 from herd.quantize.perplexity import compare_precisions, shakespeare_text
 
 EPS32 = torch.finfo(torch.float32).eps / 2  # unit roundoff u of float32
@@ -188,6 +188,26 @@ def test_fp8_linear_matches_reference(use_kernel):
     assert_matmul_close(layer(x), (xq.float() * xs), layer.dequantize())
 
 
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_w8a8_linear_matches_integer_products(use_kernel):
+    layer = W8A8Linear.from_weight(linear(48, 96).weight)
+    layer.use_kernel = use_kernel
+    x = inputs(96)
+    x[1, 2] *= 50.0  # one loud token: per-token scales keep the others' resolution
+    # float64 reference: each token rounded to int8 on its own scale, exact integer products
+    rows = x.reshape(-1, 96).double()
+    x_scales = rows.abs().amax(-1) / 127
+    xq = torch.round(rows / x_scales[:, None]).clamp(-127, 127)
+    ref = (xq @ layer.qweight.double().T) * x_scales[:, None] * layer.scales.double()
+    y = layer(x)
+    assert y.shape == (2, 5, 48)
+    assert torch.allclose(y.double().reshape(-1, 48), ref, rtol=1e-5, atol=1e-6)
+    # activation rounding shows: not the weight-only layer's output
+    weight_only = Int8Linear(layer.qweight, layer.scales)
+    weight_only.use_kernel = False
+    assert not torch.allclose(y, weight_only(x), rtol=1e-5, atol=1e-6)
+
+
 def test_int4_shapes_outside_the_kernel():
     # 24 outputs (not a multiple of 16) fall back to dequantize-and-matmul; 72 inputs are not a
     # multiple of the group, so the last group is zero-padded.
@@ -237,7 +257,13 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize(
     ("method", "group_size", "min_corr"),
-    [("int8", 128, 0.999), ("int4", 32, 0.95), ("int4", 128, 0.95), ("fp8", 128, 0.99)],
+    [
+        ("int8", 128, 0.999),
+        ("w8a8", 128, 0.995),
+        ("int4", 32, 0.95),
+        ("int4", 128, 0.95),
+        ("fp8", 128, 0.99),
+    ],
 )
 def test_quantized_model_logits_close(tied, method, group_size, min_corr):
     model = tiny_model(tied)
@@ -266,7 +292,9 @@ def test_model_kernels_match_fallback(method, group_size):
     assert (fused - fallback).abs().max() < 0.02 * fallback.abs().max()
 
 
-@pytest.mark.parametrize(("method", "group_size"), [("int8", 128), ("int4", 64), ("fp8", 128)])
+@pytest.mark.parametrize(
+    ("method", "group_size"), [("int8", 128), ("w8a8", 128), ("int4", 64), ("fp8", 128)]
+)
 def test_save_load_round_trip(tmp_path: Path, method, group_size):
     model = quantize_model(tiny_model(), method, group_size)
     files = save_quantized(model, tmp_path / "q")

@@ -207,3 +207,19 @@ def test_engine_output_is_exact_when_every_block_name_collides(tiny, monkeypatch
         assert tokens_of(events[f"again{i}"][0]) == alone(tiny, p, 12)
     assert e.stats.prefix_blocks_hit > 0
     e.stop()
+
+
+def test_compiled_decode_matches_eager_offline_on_mixed_concurrent_requests(tiny):
+    # Batches of 1-2 decode compiled (pad rows in the batch-2 bucket when one row is left),
+    # 3-4 eager; preemption (30 blocks) and a shared prefix mix in recomputed sequences.
+    e = engine(tiny, num_blocks=30, max_batch=4, compile_batch=2)
+    ps = prompts(7, seed=4)
+    ps[1] = ps[0] + [1, 2]
+    budgets = [5 + 9 * i % 31 for i in range(7)]
+    requests = [Request(str(i), p, m) for i, (p, m) in enumerate(zip(ps, budgets))]
+    events = run_to_completion(e, requests)
+    for i, (p, m) in enumerate(zip(ps, budgets)):
+        assert tokens_of(events[str(i)][0]) == alone(tiny, p, m)
+    assert sorted(e.compiled.views) == [(1, 256), (2, 256)]
+    assert e.free_blocks == e.total_blocks
+    e.stop()

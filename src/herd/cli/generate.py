@@ -27,7 +27,11 @@ TopK = Annotated[int, typer.Option(help="Keep the K likeliest tokens (0: all).")
 Seed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
 Dtype = Annotated[str | None, typer.Option(help="f32, bf16 or f16. Default: the checkpoint's.")]
 Quantize = Annotated[
-    str | None, typer.Option(help="Weight-only quantisation after loading: int8, int4 or fp8.")
+    str | None,
+    typer.Option(
+        help="Quantisation after loading: int8, int4 or fp8 (weight-only), or "
+        "w8a8 (int8 weights and per-token int8 activations).",
+    ),
 ]
 Compile = Annotated[
     bool,
@@ -65,6 +69,7 @@ def load_llama(
     adapter: str | None = None,
     draft: str | None = None,
     draft_tokens: int = 4,
+    tp: int = 1,
 ) -> Llama:
     from herd.checkpoint import CheckpointError
     from herd.infer import Llama
@@ -80,6 +85,7 @@ def load_llama(
                 adapter=adapter,
                 draft=draft,
                 draft_tokens=draft_tokens,
+                tp=tp,
             )
     except (CheckpointError, FileNotFoundError, ValueError, NotImplementedError) as e:
         fail(str(e))

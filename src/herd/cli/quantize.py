@@ -16,13 +16,13 @@ from herd.quantize.int4 import DEFAULT_GROUP_SIZE
 def quantize(
     src: Annotated[str, typer.Argument(help="Checkpoint to read (any format, or 'smollm2').")],
     dst: Annotated[Path, typer.Argument(help="Output directory.")],
-    method: Annotated[str, typer.Option(help="int8, int4 or fp8.")] = "int8",
+    method: Annotated[str, typer.Option(help="int8, int4, fp8 (weight-only) or w8a8.")] = "int8",
     group_size: Annotated[
         int, typer.Option("--group-size", help="int4 inputs per scale: 32, 64, 128 or 256.")
     ] = DEFAULT_GROUP_SIZE,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
-    """Quantize a checkpoint's linear layers (int8, group-wise int4 or fp8) and save it with its
+    """Quantize a checkpoint's linear layers (int8, group-wise int4, fp8, or w8a8) and save it with its
     tokenizer; load the result with `herd.quantize.load_quantized`."""
     import herd
     from herd.checkpoint import CheckpointError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from herd.config import ModelConfig
+from herd.infer.parallel import local_kv_heads
 from herd.model.rope import inverse_frequencies, rope_cos_sin
 
 
@@ -25,8 +26,9 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         max_position: int | None = None,
+        kv_heads: int | None = None,
     ):
-        shape = (batch_size, config.n_kv_heads, slots, config.head_dim)
+        shape = (batch_size, kv_heads or config.n_kv_heads, slots, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.slots = slots
@@ -42,7 +44,15 @@ class KVCache:
         cls, model: torch.nn.Module, batch_size: int, slots: int, max_position: int | None = None
     ) -> KVCache:
         weight = model.tok_embeddings.weight
-        return cls(model.config, batch_size, slots, weight.dtype, weight.device, max_position)
+        return cls(
+            model.config,
+            batch_size,
+            slots,
+            weight.dtype,
+            weight.device,
+            max_position,
+            local_kv_heads(model),  # a tensor-parallel process caches its share of the heads
+        )
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor

@@ -16,11 +16,13 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo import config as dynamo_config
 from torch.overrides import TorchFunctionMode
 
 from herd.model import Transformer
 
 MIN_SLOTS = 256
+RECOMPILE_LIMIT = 64
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -70,6 +72,12 @@ def slot_bucket(needed: int) -> int:
 def compiled_step(model: Transformer):
     """The model's compiled `(tokens, positions, mask, cache) -> last logits`, made once."""
     if model not in _compiled:
+        # One graph per (batch, cache size) bucket and cache kind; dynamo's default of 8
+        # graphs per function would drop a busy server back to eager without a word.
+        limit = (
+            "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        )
+        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), RECOMPILE_LIMIT))
         cuda = model.tok_embeddings.weight.device.type == "cuda"
 
         def step(tokens, positions, mask, cache):

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from herd.infer.generate import Step, decode_steps
+from herd.infer.parallel import shared_seed, tensor_parallel, tp_size
 from herd.infer.sampling import SamplingParams
 from herd.infer.speculative import (
     Drafter,
@@ -77,15 +78,20 @@ class Llama:
         adapter: str | Path | None = None,
         draft: str | Path | Transformer | Drafter | None = None,
         draft_tokens: int = 4,
+        tp: int = 1,
     ) -> Llama:
         """Load a checkpoint (HF dir, Meta dir, .gguf, or "smollm2") and its tokenizer.
 
-        quantize: None, or "int8" / "int4" / "fp8" weight-only quantization (herd.quantize).
+        quantize: None, "int8" / "int4" / "fp8" weight-only quantization, or "w8a8" (int8
+            weights and per-token int8 activations; herd.quantize).
         compile: see the class docstring.
         adapter: a PEFT-format LoRA adapter directory, folded into the weights before any
             quantization.
         draft: a checkpoint path (loaded like the model, same dtype and device), "ngram", a
             model or a `Drafter`; see the class docstring.
+        tp: split the weights over the `tp` processes of this torchrun job (tensor
+            parallelism, herd.infer.parallel); every process then calls the same methods
+            with the same arguments, and all of them get the same results.
         """
         from herd.adapters import fold_adapter
         from herd.checkpoint import load_model
@@ -94,11 +100,15 @@ class Llama:
 
         if quantize is not None:
             _check_quantize(quantize)  # before the slow load
+        if tp > 1 and (quantize is not None or draft is not None):
+            raise ValueError("tensor parallelism takes full-precision weights and no draft")
         model = load_model(path, dtype=dtype, device=device)
         if adapter is not None:
             fold_adapter(model, *read_peft_adapter(adapter, model.config))
         if quantize is not None:
             model = _quantize(model, quantize)
+        if tp > 1:
+            tensor_parallel(model, tp)
         if isinstance(draft, str | Path) and str(draft) != "ngram":
             draft = load_model(draft, dtype=dtype, device=device)
         return cls(model, load_tokenizer(path), max_seq_len, compile, draft, draft_tokens)
@@ -217,6 +227,8 @@ class Llama:
         if steps <= 0:
             return
         generator = None
+        if seed is None and tp_size(self.model) > 1:
+            seed = shared_seed(self.model)  # every process must sample the same tokens
         if seed is not None:
             device = self.model.tok_embeddings.weight.device
             generator = torch.Generator(device=device).manual_seed(seed)

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from herd.config import ModelConfig
+from herd.infer.compile import compiled_step, slot_bucket
+from herd.infer.parallel import local_kv_heads
+from herd.model import Transformer
 from herd.model.rope import inverse_frequencies, rope_cos_sin
 
 
@@ -126,9 +129,12 @@ class PagedKVCache:
         block_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        kv_heads: int | None = None,
     ):
         slots = num_blocks * block_size
-        shape = (slots, config.n_kv_heads, config.head_dim)
+        # One slot past the blocks takes the writes and reads of a compiled step's pad rows.
+        self.scratch = slots
+        shape = (slots + 1, kv_heads or config.n_kv_heads, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.blocks = BlockManager(num_blocks, block_size)
@@ -142,11 +148,14 @@ class PagedKVCache:
         cls, model: torch.nn.Module, num_blocks: int, block_size: int = 16
     ) -> PagedKVCache:
         weight = model.tok_embeddings.weight
-        return cls(model.config, num_blocks, block_size, weight.dtype, weight.device)
+        heads = local_kv_heads(model)  # a tensor-parallel process caches its share
+        return cls(model.config, num_blocks, block_size, weight.dtype, weight.device, heads)
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim
+    def bytes_per_block(
+        config: ModelConfig, block_size: int, dtype: torch.dtype, kv_heads: int | None = None
+    ) -> int:
+        per_token = 2 * config.n_layers * (kv_heads or config.n_kv_heads) * config.head_dim
         return per_token * block_size * dtype.itemsize
 
     def view(
@@ -209,3 +218,91 @@ class PagedView:
 
     def advance(self, n: int) -> None:
         pass
+
+
+class PagedDecodeView(PagedView):
+    """`PagedView` for a compiled decode step: one new token for each of up to `batch` rows,
+    reading up to `width` tokens each, in tensors that keep their shapes and identity between
+    steps (`fill` writes them in place), so the step traces once per (batch, width) bucket.
+
+    Rows past the real ones, and slots past a row's length, read the cache's scratch slot
+    (pad rows also write there) and are masked out. The keys are indexed through `read_slots`
+    inside the compiled graph, where inductor folds the indexing into the attention loop
+    instead of materialising a gathered copy. The step's mask is `attend`.
+    """
+
+    def __init__(self, cache: PagedKVCache, batch: int, width: int):
+        self.cache, self.batch, self.width = cache, batch, width
+        device = cache.keys[0].device
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.read_slots = torch.full((batch, width), cache.scratch, device=device)
+        self.write_slots = torch.full((batch,), cache.scratch, device=device)
+        self.attend = torch.zeros(batch, 1, 1, width, dtype=torch.bool, device=device)
+        self.attend[..., 0] = True  # every row pads until filled
+
+    def fill(
+        self, tokens: Sequence[int], tables: Sequence[Sequence[int]], starts: Sequence[int]
+    ) -> None:
+        """Row b feeds tokens[b] at position starts[b] through block table tables[b]."""
+        rows = len(tables)
+        if rows > self.batch or max(starts) >= self.width:
+            raise ValueError(f"{rows} rows up to {max(starts) + 1} tokens exceed this bucket")
+        device, size = self.tokens.device, self.cache.blocks.block_size
+        blocks = self.width // size
+        padded = torch.tensor([list(t) + [0] * (blocks - len(t)) for t in tables], device=device)
+        token = torch.arange(self.width, device=device)
+        start = torch.tensor(list(starts), device=device)
+        visible = token <= start[:, None]
+        slots = padded[:, token // size] * size + token % size
+        self.read_slots.fill_(self.cache.scratch)
+        self.read_slots[:rows] = torch.where(visible, slots, self.cache.scratch)
+        self.write_slots.fill_(self.cache.scratch)
+        self.write_slots[:rows] = slots.gather(1, start[:, None])[:, 0]
+        self.attend.zero_()
+        self.attend[:rows, 0, 0] = visible
+        self.attend[rows:, 0, 0, 0] = True  # pad rows see the scratch slot: no all -inf row
+        self.tokens.zero_()
+        self.tokens[:rows, 0] = torch.tensor(list(tokens), device=device)
+        self.positions.zero_()
+        self.positions[:rows, 0] = start
+
+
+
+class CompiledPagedDecode:
+    """Decode steps over a `PagedKVCache` through the model's compiled step: each call pads
+    its rows to a batch bucket (powers of two up to `max_batch`) and its longest row to a
+    width bucket (`slot_bucket`, whole blocks), and reuses that bucket's `PagedDecodeView`."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int):
+        self.model, self.cache, self.max_batch = model, cache, max_batch
+        self.step = compiled_step(model)
+        self.views: dict[tuple[int, int], PagedDecodeView] = {}
+
+    def buckets(self, rows: int, tokens: int) -> tuple[int, int]:
+        """The (batch, width) bucket for `rows` rows reading at most `tokens` tokens."""
+        if not 0 < rows <= self.max_batch:
+            raise ValueError(f"{rows} rows: this decoder takes 1 to {self.max_batch}")
+        size = self.cache.blocks.block_size
+        width = -(-slot_bucket(tokens) // size) * size
+        return min(1 << (rows - 1).bit_length(), self.max_batch), width
+
+    def __call__(
+        self, tokens: Sequence[int], tables: Sequence[Sequence[int]], starts: Sequence[int]
+    ) -> torch.Tensor:
+        """Logits (rows, vocab) after row b feeds tokens[b] at position starts[b]."""
+        view = self._view(*self.buckets(len(tables), max(starts) + 1))
+        view.fill(tokens, tables, starts)
+        return self.step(view.tokens, view.positions, view.attend, view)[: len(tables)]
+
+    def warm_up(self, rows: int = 1, tokens: int = 1) -> None:
+        """Compile the bucket of `rows` rows and `tokens` tokens now, on pad rows only (they
+        touch nothing but the scratch slot)."""
+        view = self._view(*self.buckets(rows, tokens))
+        with torch.inference_mode():
+            self.step(view.tokens, view.positions, view.attend, view)
+
+    def _view(self, batch: int, width: int) -> PagedDecodeView:
+        if (batch, width) not in self.views:
+            self.views[batch, width] = PagedDecodeView(self.cache, batch, width)
+        return self.views[batch, width]

@@ -1,9 +1,10 @@
-"""Weight-only quantization (int8, group-wise int4, row-wise fp8) of herd Transformers."""
+"""Quantization of herd Transformers: weight-only int8, group-wise int4 and row-wise fp8, and
+w8a8 (int8 weights with per-token int8 activations)."""
 
 from herd.quantize.core import METHODS, quantize_model, quantized_modules, set_kernels
 from herd.quantize.fp8 import ACTIVATION_SCALE_UB, Fp8Linear
 from herd.quantize.int4 import Int4Linear
-from herd.quantize.int8 import Int8Linear
+from herd.quantize.int8 import Int8Linear, W8A8Linear
 from herd.quantize.io import load_quantized, save_quantized
 from herd.quantize.perplexity import Perplexity, perplexity
 
@@ -14,6 +15,7 @@ __all__ = [
     "Int4Linear",
     "Int8Linear",
     "Perplexity",
+    "W8A8Linear",
     "load_quantized",
     "perplexity",
     "quantize_model",

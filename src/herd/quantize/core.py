@@ -9,11 +9,12 @@ from torch import nn
 
 from herd.quantize.fp8 import Fp8Linear
 from herd.quantize.int4 import DEFAULT_GROUP_SIZE, Int4Linear, check_group_size
-from herd.quantize.int8 import Int8Linear
+from herd.quantize.int8 import Int8Linear, W8A8Linear
 
 QuantizedLinear = Int8Linear | Int4Linear | Fp8Linear
 METHODS: dict[str, type[QuantizedLinear]] = {
     "int8": Int8Linear,
+    "w8a8": W8A8Linear,
     "int4": Int4Linear,
     "fp8": Fp8Linear,
 }
@@ -48,16 +49,18 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def head_method(method: str) -> str:
-    """The output head's method: int4 models keep an int8 head, as llama.cpp's Q4 files keep
-    theirs at 8 bits or more; the logits are the most quantization-sensitive layer."""
-    return "int8" if method == "int4" else method
+    """The output head's method: int4 and w8a8 models keep an int8 weight-only head, as
+    llama.cpp's Q4 files keep theirs at 8 bits or more; the logits are the most
+    quantization-sensitive layer."""
+    return "int8" if method in ("int4", "w8a8") else method
 
 
 def quantize_model(
     model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZE
 ) -> nn.Module:
     """Replace every block linear (wq/wk/wv/wo/w1/w2/w3) in place with an `Int8Linear`,
-    `Int4Linear` (groups of `group_size` inputs) or `Fp8Linear`, and the output head with
+    `W8A8Linear`, `Int4Linear` (groups of `group_size` inputs) or `Fp8Linear`, and the output
+    head with
     `head_method(method)`'s layer."""
     cls = check_method(method, group_size)
     for name, weight in list(quantization_targets(model)):

@@ -89,3 +89,27 @@ class Int8Linear(DequantizingLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _has_int_mm(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda") and hasattr(torch, "_int_mm")
+
+
+class W8A8Linear(Int8Linear):
+    """Int8 weights (one scale per output channel) times int8 activations, quantized per token
+    as they arrive (symmetric, one scale per row): the dynamic activation quantization of
+    Llama 3.2's quantized releases. The integer products accumulate in int32 through
+    `torch._int_mm` (`use_kernel`, where it exists); otherwise in float32, which is exact
+    while a row's sum of products stays under 2**24."""
+
+    method = "w8a8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        xq, x_scales = quantize_int8(x.reshape(-1, k))
+        if self.use_kernel and _has_int_mm(x.device):
+            products = torch._int_mm(xq, self.qweight.t()).float()
+        else:
+            products = xq.float() @ self.qweight.float().t()
+        y = products * x_scales[:, None] * self.scales
+        return y.reshape(*lead, self.out_features).to(x.dtype)

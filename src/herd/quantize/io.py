@@ -12,10 +12,15 @@ from torch import nn
 
 from herd.config import ModelConfig
 from herd.model import Transformer
-from herd.quantize.core import check_method, quantization_targets, quantized_modules, set_submodule
+from herd.quantize.core import (
+    METHODS,
+    check_method,
+    quantization_targets,
+    quantized_modules,
+    set_submodule,
+)
 from herd.quantize.fp8 import ACTIVATION_SCALE_UB, Fp8Linear
 from herd.quantize.int4 import DEFAULT_GROUP_SIZE, Int4Linear
-from herd.quantize.int8 import Int8Linear
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -68,8 +73,8 @@ def _quantized_from_state(
     method = (
         qconfig.get("head_method", qconfig["method"]) if name == "output" else qconfig["method"]
     )
-    if method == "int8":
-        return Int8Linear(tensor("qweight"), tensor("scales"))
+    if method in ("int8", "w8a8"):
+        return METHODS[method](tensor("qweight"), tensor("scales"))
     if method == "int4":
         return Int4Linear(
             tensor("qweight"),

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from herd.adapters.lora import MultiLoRALinear, select_adapters
-from herd.infer.paged import OutOfBlocks, PagedKVCache
+from herd.infer.paged import CompiledPagedDecode, OutOfBlocks, PagedKVCache
+from herd.infer.parallel import local_kv_heads
 from herd.infer.sampling import SamplingParams, sample, token_logprobs
 from herd.infer.text import GeneratedText
 from herd.model import Transformer
@@ -115,6 +116,7 @@ class Engine:
         max_seq_len: int | None = None,
         cache_bytes: int = 512 * 2**20,
         preempt: bool = True,
+        compile_batch: int = 0,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -128,7 +130,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.max_seq_len = max_seq_len or model.config.max_seq_len
         dtype = model.tok_embeddings.weight.dtype
-        per_block = PagedKVCache.bytes_per_block(model.config, block_size, dtype)
+        per_block = PagedKVCache.bytes_per_block(
+            model.config, block_size, dtype, local_kv_heads(model)
+        )
         if num_blocks is None:
             num_blocks = max(cache_bytes // per_block, 1)
         needed = -(-self.max_seq_len // block_size) + 1
@@ -139,6 +143,12 @@ class Engine:
                 f"({needed * per_block / 2**20:.0f} MiB) or a smaller max_seq_len"
             )
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
+        # Decode steps of up to compile_batch sequences run compiled; larger batches run eager,
+        # where BLAS's batched matmuls beat inductor's (benchmarks/serve.py). Adapters switch
+        # per request, so they stay eager.
+        self.compiled = None
+        if compile_batch > 0 and not self.adapters:
+            self.compiled = CompiledPagedDecode(model, self.cache, min(compile_batch, max_batch))
         self.stats = EngineStats()
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: list[_Sequence] = []
@@ -311,14 +321,8 @@ class Engine:
             return
         tables = [s.table for s in seqs]
         starts = [s.computed for s in seqs]
-        view = self.cache.view(tables, starts, new)
-        tokens = torch.tensor([s.tokens[s.computed : s.computed + new] for s in seqs])
-        device = self.model.tok_embeddings.weight.device
-        if self.adapters:
-            select_adapters(self.model, [s.request.adapter for s in seqs])
-        logits = self.model(
-            tokens.to(device), view.positions, view.mask(), cache=view, last_only=True
-        )
+        tokens = [s.tokens[s.computed : s.computed + new] for s in seqs]
+        logits = self._run(tokens, tables, starts, [s.request.adapter for s in seqs])
         self.stats.steps += 1
         self.stats.last_batch = len(seqs)
         self.stats.batched_sequences += len(seqs)
@@ -327,6 +331,29 @@ class Engine:
             self._name_blocks(seq)
             if seq.pending == 0:  # its last token's logits give the next token
                 self._emit(seq, logits[row, -1])
+
+    def _run(
+        self,
+        tokens: list[list[int]],
+        tables: list[list[int]],
+        starts: list[int],
+        adapters: list[int | None],
+    ) -> torch.Tensor:
+        """Logits (rows, new, vocab) after row b feeds tokens[b] from position starts[b] on,
+        through block table tables[b]."""
+        if len(tokens[0]) == 1 and self.compiled and len(tokens) <= self.compiled.max_batch:
+            return self.compiled([t[0] for t in tokens], tables, starts)[:, None]
+        view = self.cache.view(tables, starts, len(tokens[0]))
+        device = self.model.tok_embeddings.weight.device
+        if self.adapters:
+            select_adapters(self.model, adapters)
+        return self.model(
+            torch.tensor(tokens, device=device),
+            view.positions,
+            view.mask(),
+            cache=view,
+            last_only=True,
+        )
 
     def _reserve(self, seqs: list[_Sequence], new: int) -> list[_Sequence]:
         """Blocks for `new` more tokens of each sequence, preempting the youngest running
