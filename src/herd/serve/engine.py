@@ -144,7 +144,7 @@ class Engine:
             )
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
         # Decode steps of up to compile_batch sequences run compiled; larger batches run eager,
-        # where BLAS's batched matmuls beat inductor's (benchmarks/serve.py). Adapters switch
+        # where BLAS's batched matmuls beat inductor's on CPUs (README, Serving). Adapters switch
         # per request, so they stay eager.
         self.compiled = None
         if compile_batch > 0 and not self.adapters:
