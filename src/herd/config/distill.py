@@ -48,7 +48,7 @@ def distill_from_dict(raw: dict[str, Any]) -> DistillConfig:
     distill = raw.get("distill", {})
     if not distill.get("teacher"):
         raise ConfigError("[distill] teacher is required: the model whose logits are learnt")
-    if not finetune.get("base") and distill.get("teacher"):
+    if not finetune.get("base"):
         finetune["base"] = distill["teacher"]  # by default the student starts from the teacher
     raw["finetune"] = finetune
     config = finetune_from_dict(raw, DistillConfig, {"distill": DistillSection})

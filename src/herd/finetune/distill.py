@@ -10,8 +10,6 @@ student is also written as an HF checkpoint to RUN/student, for `Llama.load(...,
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 from herd.checkpoint import save_model
 from herd.config.distill import DistillConfig
 from herd.config.train import ConfigError
-from herd.finetune.trainer import FineTuner, load_base
+from herd.finetune.trainer import FineTuner, load_base, replace_directory
 from herd.model import Transformer
 from herd.tokenizer import Tokenizer
 from herd.train.trainer import IGNORE, Batch
@@ -126,11 +124,7 @@ class Distiller(FineTuner):
 
 def write_student(model: Transformer, tokenizer: Tokenizer, out: Path) -> None:
     """The student as an HF checkpoint with its tokenizer, replaced whole."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, format="hf", tokenizer=tokenizer)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    replace_directory(out, lambda tmp: save_model(model, tmp, format="hf", tokenizer=tokenizer))
 
 
 __all__ = ["Distiller", "distill_loss", "keep_layers"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -157,17 +159,22 @@ def sft_rows(
     return pack(mix(train, seed), "training"), pack(held, "validation") if held else None
 
 
+def replace_directory(out: Path, write: Callable[[Path], None]) -> None:
+    """`write(path)` a directory next to `out`, then put it in `out`'s place: a run killed
+    meanwhile leaves the previous directory whole."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
 def write_adapter(model: Transformer, config: FinetuneConfig, out: Path) -> None:
     """The model's LoRA weights as a PEFT adapter directory, replaced whole."""
-    tmp = out.with_name(out.name + ".tmp")
-    save_peft_adapter(
-        tmp, lora_state_dict(model), config.lora, model.config, base_model=config.finetune.base
+    state, base = lora_state_dict(model), config.finetune.base
+    replace_directory(
+        out, lambda tmp: save_peft_adapter(tmp, state, config.lora, model.config, base_model=base)
     )
-    if out.exists():
-        for old in out.iterdir():
-            old.unlink()
-        out.rmdir()
-    os.replace(tmp, out)
 
 
 def is_finetune_run(run_dir: str | Path) -> bool:

@@ -268,7 +268,6 @@ class PagedDecodeView(PagedView):
         self.positions[:rows, 0] = start
 
 
-
 class CompiledPagedDecode:
     """Decode steps over a `PagedKVCache` through the model's compiled step: each call pads
     its rows to a batch bucket (powers of two up to `max_batch`) and its longest row to a

@@ -60,8 +60,7 @@ def quantize_model(
 ) -> nn.Module:
     """Replace every block linear (wq/wk/wv/wo/w1/w2/w3) in place with an `Int8Linear`,
     `W8A8Linear`, `Int4Linear` (groups of `group_size` inputs) or `Fp8Linear`, and the output
-    head with
-    `head_method(method)`'s layer."""
+    head with `head_method(method)`'s layer."""
     cls = check_method(method, group_size)
     for name, weight in list(quantization_targets(model)):
         layer_cls = METHODS[head_method(method)] if name == "output" else cls
