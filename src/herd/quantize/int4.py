@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from herd.quantize import kernels
 from herd.quantize.base import KERNEL_DTYPE, DequantizingLinear
 
 INT4_LEVELS = 15
@@ -129,11 +130,12 @@ def _(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros: torc
 class Int4Linear(DequantizingLinear):
     """y = x @ dequantized(W).T, returned in x's dtype.
 
-    By default (`use_kernel`, see `set_kernels`) CPU inputs to a layer whose output width is a
-    multiple of 16 go through the fused `torch._weight_int4pack_mm_for_cpu` kernel, with
-    activations, scales and zeros rounded to bfloat16 (the kernel vectorises only for 16-bit
-    activations; see `Int8Linear`), on a weight repacked on first use. Otherwise the weight
-    is dequantized and multiplied in float32, exactly.
+    By default (`use_kernel`, see `set_kernels`) CPU batches of up to `kernels.MAX_ROWS` rows go
+    through herd's own kernel, which reads the portable nibbles directly with float32
+    activations. Where that kernel is not built, layers whose output width is a multiple of 16
+    use torch's `_weight_int4pack_mm_for_cpu` with activations, scales and zeros rounded to
+    bfloat16 (see `Int8Linear`), on a weight repacked on first use. Larger batches (prefill),
+    and other devices, dequantize the weight and multiply in float32, exactly.
     """
 
     method = "int4"
@@ -166,6 +168,8 @@ class Int4Linear(DequantizingLinear):
         self.register_buffer("kernel_weight", None, persistent=False)
         self.register_buffer("kernel_scales_zeros", None, persistent=False)
         self.use_kernel = True
+        if self.qweight.device.type == "cpu":
+            kernels.load()
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Linear:
@@ -193,8 +197,10 @@ class Int4Linear(DequantizingLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        packed = self.packed_for_kernel() if self.use_kernel else None
-        if packed is not None and x.device.type == "cpu":
+        small = self.use_kernel and x2.shape[0] <= kernels.MAX_ROWS
+        if small and kernels.applies(x2):
+            y = kernels.int4_mm(x2, self.qweight, self.scales, self.zeros, self.group_size)
+        elif small and x.device.type == "cpu" and (packed := self.packed_for_kernel()):
             kp = padded_in_features(k, self.group_size)
             x2 = F.pad(x2.to(KERNEL_DTYPE), (0, kp - k)).contiguous()
             # Opaque to torch.compile, as in Int8Linear: inductor's own lowering of this kernel

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from herd.quantize import kernels
 from herd.quantize.base import KERNEL_DTYPE, DequantizingLinear
 
 INT8_MAX = 127
@@ -41,13 +42,12 @@ def _has_int8_kernel(device: torch.device) -> bool:
 class Int8Linear(DequantizingLinear):
     """y = x @ (q * scale).T, returned in x's dtype.
 
-    By default (`use_kernel`, see `set_kernels`) CPU inputs go through the fused
-    `torch._weight_int8pack_mm` kernel with activations and scales rounded to bfloat16 (float32
-    accumulation): that kernel vectorises only for 16-bit activations, and there it reads the
-    int8 weight at close to memory bandwidth, ~8x faster than the float32 GEMM per layer
-    (torch 2.13, AVX-512 EPYC), while float32 activations run it unvectorised (~15x slower).
-    Without the kernel, and on other devices, the weight is dequantized and multiplied in
-    float32, exactly.
+    By default (`use_kernel`, see `set_kernels`) CPU batches of up to `kernels.MAX_ROWS` rows go
+    through herd's own kernel (`herd.quantize.kernels`): float32 activations, each int8 weight
+    widened in registers, one pass over the weight. Where that kernel is not built they go
+    through torch's `_weight_int8pack_mm` with activations and scales rounded to bfloat16 (it
+    vectorises only for 16-bit activations). Larger batches (prefill), and other devices,
+    dequantize the weight and multiply in float32, exactly.
     """
 
     method = "int8"
@@ -62,6 +62,8 @@ class Int8Linear(DequantizingLinear):
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.float().contiguous())
         self.use_kernel = True
+        if self.qweight.device.type == "cpu":
+            kernels.load()
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, group_size: int | None = None) -> Int8Linear:
@@ -73,11 +75,10 @@ class Int8Linear(DequantizingLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        if torch.compiler.is_compiling() and x2.shape[0] == 1:
-            # One row under torch.compile: herd.infer.compile's DecodeOps turns this product
-            # into one fused pass over the int8 weight, 1.4x the kernel's speed (SmolLM2).
-            y = F.linear(x2.float(), self.dequantize())
-        elif self.use_kernel and _has_int8_kernel(x.device):
+        small = self.use_kernel and x2.shape[0] <= kernels.MAX_ROWS
+        if small and kernels.applies(x2):
+            y = kernels.int8_mm(x2, self.qweight, self.scales)
+        elif small and _has_int8_kernel(x.device):
             x2 = x2.to(KERNEL_DTYPE).contiguous()
             # Under torch.compile the kernel is wrapped as an opaque custom op: inductor's own
             # lowering of it fails (torch 2.13) on computed inputs.
