@@ -4,9 +4,9 @@
 // FMA, so the result is the float32 product with the dequantized weight up to summation order.
 // One pass streams ROWS weight rows at a time and reuses every activation load across them,
 // while prefetching the next tile's rows (one cold start per tile otherwise costs ~40% of the
-// bandwidth on SmolLM2's 576-wide rows); output rows are split over torch's OpenMP threads. The AVX-512 and AVX2 bodies are compiled
-// side by side with target attributes and chosen at run time from CPUID, so one build serves
-// both kinds of machine (and a scalar body any other).
+// bandwidth on SmolLM2's 576-wide rows); output rows are split over torch's OpenMP threads.
+// The AVX-512 and AVX2 bodies are compiled side by side with target attributes and chosen at
+// run time from CPUID, so one build serves both kinds of machine (and a scalar body any other).
 //
 // int8: q (N, K) int8, scales (N) float32:             w[n, k] = q[n, k] * scales[n]
 // int4: packed (N, Kp/2) uint8, two codes per byte (column 2j in the low nibble of byte j, the
@@ -199,7 +199,8 @@ __attribute__((target("avx512f,avx512bw"))) void int4_offsets_avx512(
       for (int64_t g = 0; g < G; g += 16) {
         const __mmask16 live = G - g >= 16 ? 0xFFFF : (1u << (G - g)) - 1;
         const __m512 sc = _mm512_maskz_loadu_ps(live, scales + r * G + g);
-        const __m512 off = _mm512_fnmadd_ps(mid, sc, _mm512_maskz_loadu_ps(live, zeros + r * G + g));
+        const __m512 z = _mm512_maskz_loadu_ps(live, zeros + r * G + g);
+        const __m512 off = _mm512_fnmadd_ps(mid, sc, z);
         acc = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(live, sums + m * G + g), acc);
       }
       y[m * ldy + r] += _mm512_reduce_add_ps(acc);

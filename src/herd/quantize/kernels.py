@@ -3,7 +3,7 @@
 at run time.
 
 The extension is compiled with torch's C++ extension builder (a C++ compiler and ninja are
-needed) by `make install` (`python -m herd.quantize.kernels`), or on first use, and cached
+needed) by `make install` (`kernels.main()`), or on first use, and cached
 under torch's extension directory; torch rebuilds it when the source changes. Where it cannot
 be built the layers fall back to torch's own kernels, with one warning.
 
