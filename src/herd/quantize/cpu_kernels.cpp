@@ -145,22 +145,17 @@ Int8Tile int8_tile() {
 }
 
 template <int M>
-void int8_rows(const float* x, int64_t K, const int8_t* q, const float* scales, float* y,
-               int64_t ldy, int64_t n0, int64_t n1) {
-  static const Int8Tile full = int8_tile<M, ROWS>();
-  static const Int8Tile one = int8_tile<M, 1>();
-  int64_t n = n0;
-  for (; n + ROWS <= n1; n += ROWS) full(x, K, q + n * K, scales + n, y + n, ldy);
-  for (; n < n1; ++n) one(x, K, q + n * K, scales + n, y + n, ldy);
-}
-
-template <int M>
 void int8_batch(const float* x, int64_t K, const int8_t* q, const float* scales, float* y,
                 int64_t N) {
+  static const Int8Tile full = int8_tile<M, ROWS>();
+  static const Int8Tile one = int8_tile<M, 1>();
   // Threads take whole tiles of output rows, each streaming its own part of the weight.
   const int64_t tiles = (N + ROWS - 1) / ROWS;
   at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
-    int8_rows<M>(x, K, q, scales, y, N, t0 * ROWS, std::min(N, t1 * ROWS));
+    int64_t n = t0 * ROWS;
+    const int64_t n1 = std::min(N, t1 * ROWS);
+    for (; n + ROWS <= n1; n += ROWS) full(x, K, q + n * K, scales + n, y + n, N);
+    for (; n < n1; ++n) one(x, K, q + n * K, scales + n, y + n, N);
   });
 }
 

@@ -198,7 +198,7 @@ class Int4Linear(DequantizingLinear):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         small = self.use_kernel and x2.shape[0] <= kernels.MAX_ROWS
-        if small and kernels.applies(x2):
+        if small and kernels.available(x.device):
             y = kernels.int4_mm(x2, self.qweight, self.scales, self.zeros, self.group_size)
         elif small and x.device.type == "cpu" and (packed := self.packed_for_kernel()):
             kp = padded_in_features(k, self.group_size)

@@ -76,8 +76,12 @@ class Int8Linear(DequantizingLinear):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         small = self.use_kernel and x2.shape[0] <= kernels.MAX_ROWS
-        if small and kernels.applies(x2):
+        if small and kernels.available(x.device):
             y = kernels.int8_mm(x2, self.qweight, self.scales)
+        elif torch.compiler.is_compiling() and x2.shape[0] == 1:
+            # Without herd's kernel: herd.infer.compile's DecodeOps turns this one-row product
+            # into one fused pass over the int8 weight, 1.4x torch's kernel (SmolLM2).
+            y = F.linear(x2.float(), self.dequantize())
         elif small and _has_int8_kernel(x.device):
             x2 = x2.to(KERNEL_DTYPE).contiguous()
             # Under torch.compile the kernel is wrapped as an opaque custom op: inductor's own

@@ -64,10 +64,10 @@ def _build() -> bool:
     return True
 
 
-def applies(x: torch.Tensor) -> bool:
-    """Whether a (rows, in) activation goes through herd's kernels. Under torch.compile only
-    an earlier build counts (the layers try it when they are made): building is not traceable."""
-    if x.device.type != "cpu" or x.shape[0] > MAX_ROWS:
+def available(device: torch.device) -> bool:
+    """Whether products on `device` can run herd's kernels. Under torch.compile only an
+    earlier build counts (the layers try it when they are made): building is not traceable."""
+    if device.type != "cpu":
         return False
     return bool(_built) if torch.compiler.is_compiling() else load()
 
