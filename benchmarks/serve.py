@@ -11,7 +11,7 @@ that many clients each send streaming completions (Shakespeare prompts of 20-200
 `2 x concurrency` requests (at least 4) are done. Reported: output tokens/s over the wall
 time, decode tokens/s of one stream (1 / mean gap between its tokens), p50/p99 time to first
 token, p99 inter-token gap, and each server's start-up time (launch to /health, compiling
-included); warm-up loads at concurrency 1 and 2 compile the buckets the timed loads use
+included); warm-up loads at concurrency 1, 2, 4 and 8 compile the buckets the timed loads use
 before anything is timed.
 
 llama.cpp's server (`llama-cpp-python`'s `llama_cpp.server`) joins the table when that
@@ -204,7 +204,7 @@ def main() -> None:
         startup = time.perf_counter() - started_at
         proc, url = started
         try:
-            for c in (1, 2):  # warm-up: compiles the batch and length buckets used below
+            for c in (1, 2, 4, 8):  # warm-up: compiles the batch and length buckets used below
                 load(url, c, args.max_tokens)
             for c in levels:
                 r = results[name, c] = load(url, c, args.max_tokens)

@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+from herd.tokenizer import Tokenizer
+
+# Under pytest-xdist (`make test` runs two workers) the cores are shared among the workers.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
 def hf_llama(
@@ -90,3 +94,18 @@ def llama3_base(tmp_path_factory) -> Path:
                 p.normal_(0, 0.02)
     model.save_pretrained(path)
     return path
+
+
+class IdsTokenizer(Tokenizer):
+    """Token ids as text: enough tokenizer for the serving engine (stream decoding, stop ids)
+    over a random model's vocabulary."""
+
+    def __init__(self, vocab_size: int = 320):
+        self.vocab_size, self.bos_id, self.eos_id, self.byte_level = vocab_size, None, None, False
+        self.stop_ids, self.special_tokens, self.chat_template = frozenset(), {}, None
+
+    def _encode(self, text, special):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return "".join(f" {i}" for i in ids)

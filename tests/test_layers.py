@@ -10,15 +10,16 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "herd"
 
-# STYLE.md's order: config -> tokenizer, model -> checkpoint, data, quantize, adapters ->
-# train, infer -> serve -> eval (it generates through the serving engine) -> finetune ->
-# align (preference tuning on the fine-tuning Trainer), curate (datatrove steps; it tokenizes
-# through data) -> cli.
+# STYLE.md's order: config -> tokenizer, model, kernels (herd's C++ ops; torch only) ->
+# checkpoint, data, quantize, adapters -> train, infer -> serve -> eval (it generates through
+# the serving engine) -> finetune -> align (preference tuning on the fine-tuning Trainer),
+# curate (datatrove steps; it tokenizes through data) -> cli.
 # Packages on one layer do not import each other either.
 LAYERS = {
     "config": 0,
     "tokenizer": 1,
     "model": 1,
+    "kernels": 1,
     "checkpoint": 2,
     "data": 2,
     "quantize": 2,

@@ -122,7 +122,10 @@ def test_loss_and_gradients_equal_trl(llama3_pair, preference_records, tmp_path,
         ("lm_head.weight", "output.weight"),
     ):
         theirs_grad = dict(policy.named_parameters())[hf_name].grad
-        torch.testing.assert_close(ours[name].grad, theirs_grad, rtol=1e-4, atol=1e-7)
+        # float32 sums in another order: an element near zero may differ by a rounding of
+        # the largest ones (1e-7 in an embedding gradient whose largest entries are ~0.2).
+        scale = float(theirs_grad.abs().max())
+        torch.testing.assert_close(ours[name].grad, theirs_grad, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_sequence_normalised_nll_against_float64(llama3_pair, preference_records, tmp_path):

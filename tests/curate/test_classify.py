@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -58,6 +60,28 @@ def test_fasttext_learns_the_teacher(tmp_path):
     bad = Document(text=junk(rng), id="b")
     assert step.filter(good) is True and good.metadata["quality"] >= 0.5
     assert step.filter(bad) == (False, "low_quality") and bad.metadata["quality"] < 0.5
+
+
+WEIGHTS_AFTER_TRAINING = """
+import sys
+from pathlib import Path
+import numpy as np
+from herd.curate.classify import FastText
+pairs = [(f"the cat sat on mat number {i} today", "hq") for i in range(20)]
+pairs += [(f"x{i} 200 GET /api {i}ms", "lq") for i in range(20)]
+weights = FastText.train(pairs, Path(sys.argv[1]), epoch=2).model.get_input_matrix()
+print(float(np.abs(weights).max()))
+"""
+
+
+def test_fasttext_initialises_every_weight(tmp_path):
+    # The allocator told to hand out heap memory filled with a pattern byte: weights fastText
+    # failed to initialise then read as huge numbers instead of a fresh mmap's zeros (as on CI).
+    env = {"MALLOC_PERTURB_": "42", "MALLOC_MMAP_THRESHOLD_": "4000000000", "PATH": ""}
+    command = [sys.executable, "-c", WEIGHTS_AFTER_TRAINING, str(tmp_path / "m.bin")]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    assert float(run.stdout) < 10  # initialised within 1/dim, moved by a few small steps
 
 
 def test_transformer_student_features_are_transformers_hidden_states(llama3_base):

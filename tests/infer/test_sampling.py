@@ -7,6 +7,7 @@ import torch
 
 from herd.infer.sampling import (
     SamplingParams,
+    draw,
     filter_logits,
     frequency_presence_penalty,
     min_p_filter,
@@ -51,6 +52,25 @@ def test_top_p_support(p, expected):
 def test_top_p_takes_one_of_tied_tokens_when_one_is_enough():
     kept = support(top_p_filter(LOGITS, 0.8))  # 1/2 + 1/4 + 1/8 = 0.875 >= 0.8
     assert len(kept) == 3 and {1, 3} < kept
+
+
+def nucleus_float64(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """The definition by a full sort in float64: keep a token when the mass before it is < p."""
+    probs, order = logits.double().softmax(-1).sort(-1, descending=True)
+    keep_sorted = probs.cumsum(-1) - probs < p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+@pytest.mark.parametrize("scales", [(8.0, 4.0), (4.0, 2.0), (0.05, 3.0), (0.01, 0.02)])
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.99])
+def test_top_p_on_a_real_vocabulary_matches_a_float64_sort(scales, p):
+    # peaked rows (the nucleus among the first candidates), flat ones (hundreds or thousands
+    # of tokens) and batches mixing both
+    gen = torch.Generator().manual_seed(int(p * 100))
+    logits = torch.randn(len(scales), 49152, generator=gen) * torch.tensor(scales)[:, None]
+    kept = torch.isfinite(top_p_filter(logits, p))
+    assert torch.equal(kept, nucleus_float64(logits, p))
+    assert torch.equal(top_p_filter(logits, p)[kept], logits[kept])
 
 
 @pytest.mark.parametrize(
@@ -141,3 +161,15 @@ def test_token_logprobs_use_the_raw_distribution():
 def test_invalid_parameters_raise(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_draw_follows_the_weights_and_never_picks_a_zero_weight():
+    from scipy.stats import chisquare
+
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 6.0, 0.0])  # unnormalised, zeros at both ends
+    rows = draw(weights.expand(40_000, -1), torch.Generator().manual_seed(0))
+    counts = torch.bincount(rows, minlength=6)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert chisquare(counts[[1, 3, 4]].tolist(), [12_000, 4_000, 24_000]).pvalue > 1e-3
+    one = draw(weights, torch.Generator().manual_seed(1))  # a single row: a 0-d index
+    assert one.dim() == 0 and int(one) in (1, 3, 4)

@@ -19,7 +19,7 @@ from herd.infer.speculative import (
     SpeculationStats,
     speculative_steps,
 )
-from tests.conftest import hf_llama
+from tests.conftest import IdsTokenizer, hf_llama
 
 PROMPTS = [
     "The history of the Roman Empire",
@@ -154,12 +154,14 @@ def test_sampled_speculation_has_the_targets_distribution(models, drafter_kind, 
         assert chi_square_p([r[1:3] for r in runs], draft_pairs) < 1e-6
 
 
-def test_greedy_speculation_with_penalties_equals_plain_decode(models):
+@pytest.mark.parametrize("compile", [False, True])
+def test_greedy_speculation_with_penalties_equals_plain_decode(models, compile):
     target, draft = models
     params = SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.5)
     plain = [s.tokens[0] for s in decode_steps(target, [PROMPT], 24, params)]
     for drafter in (ModelDrafter(draft), NgramDrafter()):
-        steps = speculative_steps(target, drafter, PROMPT, 24, params, k=4, logprobs=True)
+        steps = speculative_steps(target, drafter, PROMPT, 24, params, k=4, logprobs=True,
+                                  compile=compile)  # fmt: skip
         ours = list(steps)
         assert [s.tokens[0] for s in ours] == plain
     reference = list(decode_steps(target, [PROMPT], 24, params, logprobs=True))
@@ -177,6 +179,28 @@ def test_ngram_drafter_proposes_what_followed_the_last_match():
     assert drafter.propose([5, 6, 7, 8, 9, 5, 6, 7], 3, params, None) == ([8, 9, 5], None)
     assert drafter.propose([5, 6, 7, 8, 9, 5], 2, params, None) == ([6, 7], None)  # 1-gram
     assert drafter.propose([1, 2, 3], 4, params, None) == ([], None)
+    assert drafter.propose([4], 4, params, None) == ([], None)
+
+
+def test_ngram_drafter_finds_the_latest_longest_match():
+    """Against a plain search on random contexts over small vocabularies (many matches)."""
+
+    def latest_match(context, k, max_n, min_n):
+        for n in range(min(max_n, len(context) - 1), min_n - 1, -1):
+            for start in range(len(context) - n - 1, -1, -1):
+                if context[start : start + n] == context[-n:]:
+                    return context[start + n : start + n + k]
+        return []
+
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0)
+    for trial in range(400):
+        vocab, length = 2 + trial % 7, 1 + trial % 60
+        context = torch.randint(0, vocab, (length,), generator=gen).tolist()
+        max_n = 1 + trial % 4
+        drafter = NgramDrafter(max_n=max_n, min_n=1 + trial % max_n)
+        expected = latest_match(context, 3, drafter.max_n, drafter.min_n)
+        assert drafter.propose(context, 3, params, None) == (expected, None), context
 
 
 def test_draft_must_share_the_vocabulary(models, tmp_path):
@@ -210,3 +234,49 @@ def test_a_draft_with_a_shorter_window_stops_drafting_at_its_end(models, tmp_pat
     assert any(n for length, n in proposals if length < 10)
     assert all(length + n <= 10 for length, n in proposals if n)  # inside the draft's window
     assert any(length >= 10 for length, _ in proposals)  # rounds went on past it, undrafted
+
+
+# --- the serving engine's prompt-lookup speculation ------------------------------------------
+
+
+def test_engine_speculation_greedy_equals_greedy_on_smollm2(smollm2_target, smollm2_greedy):
+    """The three prompts at once through the engine with prompt lookup: transformers' tokens."""
+    from herd.serve.engine import Engine, Request, run_to_completion
+
+    tokenizer = smollm2_target.tokenizer
+    engine = Engine(smollm2_target.model, tokenizer, draft="ngram", draft_tokens=4)
+    requests = [
+        Request(str(i), tokenizer.encode(text), 64, stop_ids=frozenset())
+        for i, text in enumerate(PROMPTS)
+    ]
+    events = run_to_completion(engine, requests)
+    for i, text in enumerate(PROMPTS):
+        assert [e.token for e in events[str(i)][0] if e.token is not None] == smollm2_greedy[text]
+    stats = engine.speculation
+    assert stats.drafted > 0 and 0 < stats.accepted < stats.drafted
+
+
+RUNS = 4000
+
+
+def test_engine_speculation_samples_the_targets_distribution(models):
+    from herd.serve.engine import Engine, Request, run_to_completion
+
+    target, _ = models
+    # Sharp enough that judging a draft against the wrong position's logits shows (p ~1e-42
+    # when every position read the first one's); prompt lookup drafts after tokens 1, 2 and 3.
+    params = SamplingParams(temperature=0.5, top_p=1.0)
+    engine = Engine(target, IdsTokenizer(VOCAB), max_batch=32, block_size=4, max_seq_len=64,
+                    draft="ngram", draft_tokens=3)  # fmt: skip
+    requests = [Request(str(i), PROMPT, 4, params, seed=i) for i in range(RUNS)]
+    events = run_to_completion(engine, requests)
+    runs = [tuple(e.token for e in events[str(i)][0] if e.token is not None) for i in range(RUNS)]
+    stats = engine.speculation
+    assert stats.drafted > 1000 and 0 < stats.accepted < stats.drafted, stats
+    exact = exact_joint(target, params, 4)
+    pairs, fourth = {}, {}
+    for seq, p in exact.items():
+        pairs[seq[1:3]] = pairs.get(seq[1:3], 0.0) + p
+        fourth[seq[3:]] = fourth.get(seq[3:], 0.0) + p
+    assert chi_square_p([r[1:3] for r in runs], pairs) > 1e-3
+    assert chi_square_p([r[3:] for r in runs], fourth) > 1e-3

@@ -11,25 +11,10 @@ import torch
 import herd
 from herd.infer import SamplingParams, decode_steps
 from herd.infer.paged import BlockManager, BlockName, OutOfBlocks
-from herd.serve.engine import Engine, Request, run_to_completion
-from herd.tokenizer import Tokenizer
-from tests.conftest import hf_llama
+from herd.serve.engine import Engine, Request, in_passing_thread, run_to_completion
+from tests.conftest import IdsTokenizer, hf_llama
 
 GREEDY = SamplingParams(temperature=0)
-
-
-class _Ids(Tokenizer):
-    """Token ids as text: enough tokenizer for the engine (stream decoding, stop ids)."""
-
-    def __init__(self):
-        self.vocab_size, self.bos_id, self.eos_id, self.byte_level = 320, None, None, False
-        self.stop_ids, self.special_tokens, self.chat_template = frozenset(), {}, None
-
-    def _encode(self, text, special):
-        return [int(t) for t in text.split()]
-
-    def decode(self, ids):
-        return "".join(f" {i}" for i in ids)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +40,7 @@ def prompts(count: int, seed: int = 0) -> list[list[int]]:
 
 def engine(model, **kwargs) -> Engine:
     kwargs = {"block_size": 4, "prefill_chunk": 7, "max_seq_len": 96} | kwargs
-    return Engine(model, _Ids(), **kwargs).start()
+    return Engine(model, IdsTokenizer(), **kwargs).start()
 
 
 def test_continuous_batching_matches_each_prompt_alone(tiny):
@@ -132,8 +117,8 @@ def test_cancel_frees_blocks(tiny):
 
 def test_engine_rejects_what_cannot_fit(tiny):
     with pytest.raises(ValueError, match="cannot hold one full"):
-        Engine(tiny, _Ids(), num_blocks=4, block_size=4, max_seq_len=96)
-    e = Engine(tiny, _Ids(), num_blocks=40, block_size=4, max_seq_len=96)
+        Engine(tiny, IdsTokenizer(), num_blocks=4, block_size=4, max_seq_len=96)
+    e = Engine(tiny, IdsTokenizer(), num_blocks=40, block_size=4, max_seq_len=96)
     with pytest.raises(ValueError, match="context window"):
         e.submit(Request("x", [1] * 90, 10))
     with pytest.raises(ValueError, match="at least one token"):
@@ -209,10 +194,16 @@ def test_engine_output_is_exact_when_every_block_name_collides(tiny, monkeypatch
     e.stop()
 
 
-def test_compiled_decode_matches_eager_offline_on_mixed_concurrent_requests(tiny):
+@pytest.mark.parametrize("pooled", [True, False], ids=["pool-attention", "gathered-keys"])
+def test_compiled_decode_matches_eager_offline_on_mixed_concurrent_requests(tiny, pooled):
     # Batches of 1-2 decode compiled (pad rows in the batch-2 bucket when one row is left),
-    # 3-4 eager; preemption (30 blocks) and a shared prefix mix in recomputed sequences.
+    # 3-4 eager; preemption (30 blocks) and a shared prefix mix in recomputed sequences. The
+    # step attends through the whole pool with herd's kernel where it is built, else through
+    # gathered keys (both forms, the first where it applies).
     e = engine(tiny, num_blocks=30, max_batch=4, compile_batch=2)
+    if pooled and not e.compiled.pooled:
+        pytest.skip("herd's attention kernel is not built")
+    e.compiled.pooled = pooled
     ps = prompts(7, seed=4)
     ps[1] = ps[0] + [1, 2]
     budgets = [5 + 9 * i % 31 for i in range(7)]
@@ -220,6 +211,65 @@ def test_compiled_decode_matches_eager_offline_on_mixed_concurrent_requests(tiny
     events = run_to_completion(e, requests)
     for i, (p, m) in enumerate(zip(ps, budgets)):
         assert tokens_of(events[str(i)][0]) == alone(tiny, p, m)
-    assert sorted(e.compiled.views) == [(1, 256), (2, 256)]
+    width = e.cache.scratch + 1 if pooled else 256  # one graph per batch for the pool
+    assert sorted(e.compiled.views) == [(1, width), (2, width)]
     assert e.free_blocks == e.total_blocks
     e.stop()
+
+
+def test_setup_in_a_passing_thread_hands_back_its_result_or_error():
+    assert in_passing_thread(lambda: threading.current_thread().name) == "herd-setup"
+    assert threading.current_thread() is threading.main_thread()
+
+    def broken():
+        raise ValueError("no such checkpoint")
+
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        in_passing_thread(broken)
+
+
+def test_an_engine_not_started_runs_offline_jobs_in_the_callers_thread(tiny):
+    e = Engine(tiny, IdsTokenizer(), block_size=4, prefill_chunk=7, max_seq_len=96, num_blocks=40)
+    ps = prompts(3, seed=7)
+    events = run_to_completion(e, [Request(str(i), p, 6) for i, p in enumerate(ps)])
+    for i, p in enumerate(ps):
+        assert tokens_of(events[str(i)][0]) == alone(tiny, p, 6)
+    assert e._thread is None and e.idle() and e.free_blocks == e.total_blocks
+    e.start()
+    with pytest.raises(RuntimeError, match="runs in its own thread"):
+        e.run_until_done()
+    e.stop()
+
+
+@pytest.mark.parametrize(("compile_batch", "draft_tokens"), [(2, 3), (4, 1)])
+def test_ngram_speculation_keeps_every_greedy_token(tiny, compile_batch, draft_tokens):
+    # Prompts that repeat themselves give prompt lookup matches; 26 blocks of 4 tokens force
+    # preemption. Rounds whose fed tokens fit the compiled step go through it, a token a row.
+    e = engine(tiny, num_blocks=26, max_batch=4, compile_batch=compile_batch, draft="ngram",
+               draft_tokens=draft_tokens)  # fmt: skip
+    compiled_rounds = []
+    verify = e._verify_compiled
+    e._verify_compiled = lambda seqs, rows: compiled_rounds.append(rows) or verify(seqs, rows)
+    ps = [p[:6] * 3 for p in prompts(6, seed=7)]
+    budgets = [4 + 7 * i % 23 for i in range(6)]
+    requests = [Request(str(i), p, m) for i, (p, m) in enumerate(zip(ps, budgets))]
+    events = run_to_completion(e, requests)
+    for i, (p, m) in enumerate(zip(ps, budgets)):
+        assert tokens_of(events[str(i)][0]) == alone(tiny, p, m)
+        assert events[str(i)][0][-1].finish_reason == "length"
+    stats = e.speculation
+    assert stats.drafted > 0 and 0 < stats.accepted < stats.drafted, stats
+    assert e.stats.preemptions > 0
+    # With one draft each, rounds of up to 4 fed tokens (the compiled step's largest batch) ran
+    # compiled; with three, rounds are wider than 2 tokens and ran eagerly.
+    assert bool(compiled_rounds) == (draft_tokens == 1)
+    assert all(sum(map(len, rows)) <= e.compiled.max_batch for rows in compiled_rounds)
+    assert e.free_blocks == e.total_blocks
+    e.stop()
+
+
+def test_engine_refuses_unknown_drafters(tiny):
+    with pytest.raises(ValueError, match="prompt lookup only"):
+        Engine(tiny, IdsTokenizer(), draft="path/to/model")
+    with pytest.raises(ValueError, match="draft_tokens"):
+        Engine(tiny, IdsTokenizer(), draft="ngram", draft_tokens=0)

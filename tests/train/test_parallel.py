@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -47,7 +49,8 @@ def launch(
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += [f"--nproc-per-node={procs}", f"--max-restarts={restarts}", "--monitor-interval=2"]
     command += ["-m", module, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # PYTHONFAULTHANDLER: a rank that crashes in native code prints its Python stack
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
     return subprocess.run(
         command, capture_output=True, text=True, env=env, timeout=400, check=False
     )
@@ -102,19 +105,35 @@ LAYOUTS = [n for n, (_, _, source) in RUNS.items() if source is None and n != "f
 RESUMES = [n for n, (_, _, source) in RUNS.items() if source is not None]
 
 
+def launch_runs(corpus, root: Path, procs: int) -> subprocess.CompletedProcess:
+    """The runs of RUNS on `procs` processes, in one torchrun launch, writing under `root`."""
+    jobs = []
+    for name, (p, settings, source) in RUNS.items():
+        if p == procs:
+            resume = source and str(root / source / "checkpoints" / "step-00000005")
+            recipe_file = str(write(corpus, root, name))
+            jobs.append({"recipe": recipe_file, "set": settings, "resume_from": resume})
+    (root / f"jobs-{procs}.json").write_text(json.dumps(jobs))
+    return launch(str(root / f"jobs-{procs}.json"), procs=procs, module="tests.train.layouts")
+
+
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory) -> Path:
-    """Every run of RUNS, in one torchrun launch per process count."""
+    """Every run of RUNS, in one torchrun launch per process count. A launch in which a rank
+    died of a segmentation fault (once in CI, in torch's native code under a loaded machine; no
+    herd native code runs in training) is repeated once from scratch, with a warning that
+    carries the crashed rank's stack; any other failure, or a second crash, fails."""
     root = tmp_path_factory.mktemp("layouts")
     for procs in sorted({p for p, _, _ in RUNS.values()}):
-        jobs = []
-        for name, (p, settings, source) in RUNS.items():
-            if p == procs:
-                resume = source and str(root / source / "checkpoints" / "step-00000005")
-                recipe_file = str(write(corpus, root, name))
-                jobs.append({"recipe": recipe_file, "set": settings, "resume_from": resume})
-        (root / f"jobs-{procs}.json").write_text(json.dumps(jobs))
-        done = launch(str(root / f"jobs-{procs}.json"), procs=procs, module="tests.train.layouts")
+        done = launch_runs(corpus, root, procs)
+        if done.returncode != 0 and "(SIGSEGV)" in done.stderr:
+            warnings.warn(
+                f"a rank crashed; the {procs}-process runs start again:\n{done.stderr[-8000:]}"
+            )
+            for name, (p, _, _) in RUNS.items():
+                if p == procs:
+                    shutil.rmtree(root / name, ignore_errors=True)
+            done = launch_runs(corpus, root, procs)
         assert done.returncode == 0, done.stderr[-3000:]
     return root
 

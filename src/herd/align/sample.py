@@ -103,15 +103,9 @@ def draw(
                 seed=seed + i * k)
         for i, ids in enumerate(prompts)
     ]  # fmt: skip
-    engine.start()
-    try:
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task(f"sampling {k} x {len(prompts)} prompts", total=k * len(prompts))
-            events = run_to_completion(engine, requests, lambda e: bar.advance(task))
-    finally:
-        engine.stop()
-    if engine.error is not None:
-        raise RuntimeError("the generation engine failed") from engine.error
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"sampling {k} x {len(prompts)} prompts", total=k * len(prompts))
+        events = run_to_completion(engine, requests, lambda e: bar.advance(task))
     texts = [["".join(e.text for e in choice) for choice in events[r.id]] for r in requests]
     return texts, engine.stats
 

@@ -30,7 +30,8 @@ Quantize = Annotated[
     str | None,
     typer.Option(
         help="Quantisation after loading: int8, int4 or fp8 (weight-only), or "
-        "w8a8 (int8 weights and per-token int8 activations).",
+        "w8a8 (int8 weights and per-token int8 activations), or w4a8 (int4 weights and int8 "
+        "activations per 32 inputs).",
     ),
 ]
 Compile = Annotated[

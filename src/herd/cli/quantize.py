@@ -16,14 +16,21 @@ from herd.quantize.int4 import DEFAULT_GROUP_SIZE
 def quantize(
     src: Annotated[str, typer.Argument(help="Checkpoint to read (any format, or 'smollm2').")],
     dst: Annotated[Path, typer.Argument(help="Output directory.")],
-    method: Annotated[str, typer.Option(help="int8, int4, fp8 (weight-only) or w8a8.")] = "int8",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="int8, int4 (weight-only), fp8 (every linear), w8a8, w4a8, or fp8-mixed "
+            "(the paper's FP8 recipe: inner blocks' feed-forward layers only)."
+        ),
+    ] = "int8",
     group_size: Annotated[
-        int, typer.Option("--group-size", help="int4 inputs per scale: 32, 64, 128 or 256.")
+        int, typer.Option("--group-size", help="int4/w4a8 inputs per scale: 32, 64, 128 or 256.")
     ] = DEFAULT_GROUP_SIZE,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
-    """Quantize a checkpoint's linear layers (int8, group-wise int4, fp8, or w8a8) and save it with its
-    tokenizer; load the result with `herd.quantize.load_quantized`."""
+    """Quantize a checkpoint's linear layers (int8, group-wise int4, fp8, w8a8, w4a8 or
+    fp8-mixed) and save it with its tokenizer; load the result with
+    `herd.quantize.load_quantized`."""
     import herd
     from herd.checkpoint import CheckpointError
     from herd.quantize import quantize_model, save_quantized

@@ -64,11 +64,22 @@ def serve(
         int,
         typer.Option(
             "--compile-batch",
-            help="With --compile, the largest decode batch that runs compiled; larger "
-            "batches run eager, where BLAS's matmuls are faster on CPUs (measured "
-            "here from batch 4 on).",
+            help="With --compile, the largest decode batch that runs compiled (batches "
+            "of 1, 2, 4, 8, ... each compile once); larger batches run eager.",
         ),
-    ] = 2,
+    ] = 8,
+    draft: Annotated[
+        str | None,
+        typer.Option(
+            "--draft",
+            help="'ngram': speculative decoding by prompt lookup (the tokens that followed the "
+            "latest earlier occurrence of a sequence's last tokens, checked in one pass; "
+            "outputs unchanged). Pays when outputs copy their input.",
+        ),
+    ] = None,
+    draft_tokens: Annotated[
+        int, typer.Option("--draft-tokens", help="Tokens drafted per sequence and step.")
+    ] = 4,
     tp: Annotated[
         int,
         typer.Option(
@@ -93,45 +104,57 @@ def serve(
 
     from herd.cli.generate import load_llama
     from herd.serve.api import ServerConfig, create_app
-    from herd.serve.engine import Engine
+    from herd.serve.engine import Engine, in_passing_thread
 
     if adapter and quantize:
         fail("--adapter serves adapters over full-precision base weights; drop --quantize")
-    if tp > 1 and (adapter or compile):
-        fail("--tp serves one set of weights, eagerly: drop --adapter and --compile")
-    llama = load_llama(model, dtype, quantize, max_seq_len, compile=False, tp=tp)
-    names = _attach(llama.model, adapter or [])
-    engine_type = Engine
-    if tp > 1:
-        from herd.serve.parallel import TensorParallelEngine as engine_type
-    try:
-        engine = engine_type(
-            llama.model,
-            llama.tokenizer,
-            max_batch=max_batch,
-            block_size=block_size,
-            prefill_chunk=prefill_chunk,
-            max_seq_len=llama.max_seq_len,
-            cache_bytes=kv_cache_mib * 2**20,
-            compile_batch=compile_batch if compile else 0,
-        )
-    except ValueError as e:
-        fail(str(e))
+    if tp > 1 and (adapter or compile or draft):
+        fail("--tp serves one set of weights, eagerly: drop --adapter, --compile and --draft")
+    if draft not in (None, "ngram"):
+        fail(f"--draft {draft}: the server drafts by prompt lookup only (--draft ngram)")
+
+    def setup():
+        llama = load_llama(model, dtype, quantize, max_seq_len, compile=False, tp=tp)
+        names = _attach(llama.model, adapter or [])
+        engine_type = Engine
+        if tp > 1:
+            from herd.serve.parallel import TensorParallelEngine as engine_type
+        try:
+            engine = engine_type(
+                llama.model,
+                llama.tokenizer,
+                max_batch=max_batch,
+                block_size=block_size,
+                prefill_chunk=prefill_chunk,
+                max_seq_len=llama.max_seq_len,
+                cache_bytes=kv_cache_mib * 2**20,
+                compile_batch=compile_batch if compile else 0,
+                draft=draft,
+                draft_tokens=draft_tokens,
+            )
+        except ValueError as e:
+            fail(str(e))
+        if compile and names:
+            console.print(
+                "[yellow]--compile: adapters switch per request, so decoding stays eager[/]"
+            )
+        if engine.compiled is not None:
+            with console.status("compiling the decode step (batch 1)"):
+                started = time.perf_counter()
+                engine.compiled.warm_up()
+            console.print(
+                f"[dim]compiled the batch-1 decode step in {time.perf_counter() - started:.0f} s[/]"
+            )
+        return llama, names, engine
+
+    # Off the main thread, so that the engine thread is the only one with OpenMP workers.
+    llama, names, engine = in_passing_thread(setup)
     if tp > 1 and torch.distributed.get_rank() != 0:
         # torchrun's SIGTERM reaches every rank: this one waits for rank 0 to finish and
         # send its stop instead of dying in the middle of a pass.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         engine.follow()
         return
-    if compile and names:
-        console.print("[yellow]--compile: adapters switch per request, so decoding stays eager[/]")
-    if engine.compiled is not None:
-        with console.status("compiling the decode step (batch 1)"):
-            started = time.perf_counter()
-            engine.compiled.warm_up()
-        console.print(
-            f"[dim]compiled the batch-1 decode step in {time.perf_counter() - started:.0f} s[/]"
-        )
     config = ServerConfig(
         served_name or model, api_key=api_key, max_queue=max_queue, adapters=names
     )

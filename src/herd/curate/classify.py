@@ -168,7 +168,11 @@ class FastText:
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
             for text, label in pairs:
                 f.write(f"__label__{label} {one_line(text)}\n")
-        model = fasttext.train_supervised(f.name, epoch=epoch, wordNgrams=2, lr=0.5, verbose=0)
+        # Ten threads, no fewer: fastText's DenseMatrix::uniform gives each thread a tenth of the
+        # input matrix, so with under ten the rest keeps whatever the allocator returned (zeros
+        # from a fresh mmap here, garbage on CI, where training hit NaN). Ten cover it all.
+        model = fasttext.train_supervised(f.name, epoch=epoch, wordNgrams=2, lr=0.5, thread=10,
+                                          seed=0, verbose=0)  # fmt: skip
         Path(f.name).unlink()
         out.parent.mkdir(parents=True, exist_ok=True)
         model.save_model(str(out))

@@ -44,18 +44,12 @@ def complete(
         )
         for i, ids in enumerate(prompts)
     ]
-    engine.start()
-    try:
-        shared = list(prompts[0][: common_prefix(prompts)]) if prompts else []
-        if len(prompts) > 1 and len(shared) > engine.cache.blocks.block_size:
-            # Computed alone first, the shared few-shot prefix is in the prefix cache before
-            # the first batch is admitted (admitted together, every row would compute it).
-            run_to_completion(engine, [Request(id="prefix", prompt=shared, max_tokens=1)])
-        events = run_to_completion(engine, requests)
-    finally:
-        engine.stop()
-    if engine.error is not None:
-        raise RuntimeError("the generation engine failed") from engine.error
+    shared = list(prompts[0][: common_prefix(prompts)]) if prompts else []
+    if len(prompts) > 1 and len(shared) > engine.cache.blocks.block_size:
+        # Computed alone first, the shared few-shot prefix is in the prefix cache before the
+        # first batch is admitted (admitted together, every row would compute it).
+        run_to_completion(engine, [Request(id="prefix", prompt=shared, max_tokens=1)])
+    events = run_to_completion(engine, requests)
     done = []
     for request in requests:
         (choice,) = events[request.id]

@@ -42,7 +42,8 @@ class Llama:
     draft: speculative decoding (herd.infer.speculative) with a smaller model of the same
     vocabulary, "ngram" for prompt lookup, or any `Drafter`; `draft_tokens` are proposed per
     round, and `speculation` counts what was drafted and accepted. It decodes one prompt at a
-    time, eagerly; the output is what the model alone would give (greedy: the same tokens;
+    time (with compile, the model's passes after the prompt run compiled: the decode step, and
+    a pass over draft_tokens + 1 tokens padded to that width); the output is what the model alone would give (greedy: the same tokens;
     sampled: the same distribution).
     """
 
@@ -82,8 +83,10 @@ class Llama:
     ) -> Llama:
         """Load a checkpoint (HF dir, Meta dir, .gguf, or "smollm2") and its tokenizer.
 
-        quantize: None, "int8" / "int4" / "fp8" weight-only quantization, or "w8a8" (int8
-            weights and per-token int8 activations; herd.quantize).
+        quantize: None, "int8" / "int4" / "fp8" weight-only quantization, "w8a8" (int8
+            weights and per-token int8 activations) or "w4a8" (int4 weights and int8
+            activations per 32 inputs) or "fp8-mixed" (the Llama 3 paper's FP8 recipe: fp8
+            feed-forward layers in every block but the first and last; herd.quantize).
         compile: see the class docstring.
         adapter: a PEFT-format LoRA adapter directory, folded into the weights before any
             quantization.
@@ -266,6 +269,7 @@ class Llama:
             logprobs,
             k=self.draft_tokens,
             stats=self.speculation,
+            compile=self.compile,
         )
 
     def _fit(self, ids: list[int], max_new_tokens: int, truncate: bool) -> list[int]:

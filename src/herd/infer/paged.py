@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from herd import kernels
 from herd.config import ModelConfig
 from herd.infer.compile import compiled_step, slot_bucket
 from herd.infer.parallel import local_kv_heads
@@ -162,7 +163,13 @@ class PagedKVCache:
         self, tables: Sequence[Sequence[int]], starts: Sequence[int], new_tokens: int
     ) -> PagedView:
         """The cache as one forward pass sees it: row b writes `new_tokens` tokens from position
-        `starts[b]` on, through block table `tables[b]`, and reads everything up to them."""
+        `starts[b]` on, through block table `tables[b]`, and reads everything up to them. A
+        decode step (one token a row) attends through the whole pool where herd's attention
+        kernel applies (`PoolDecodeView`), so no row's keys are gathered."""
+        if new_tokens == 1 and pool_attention_applies(self):
+            view = PoolDecodeView(self, len(tables))
+            view.fill([0] * len(tables), tables, starts)  # the caller feeds its own tokens
+            return view
         return PagedView(self, tables, starts, new_tokens)
 
 
@@ -209,12 +216,19 @@ class PagedView:
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.write(layer, k, v)
+        # (batch, width, kv, d) -> (batch, kv, width, d)
+        return keys[self.read_slots].transpose(1, 2), values[self.read_slots].transpose(1, 2)
+
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values at `write_slots`; returns the layer's slot pools."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         # (batch, kv, new, d) -> (batch * new, kv, d), the order of write_slots
         keys.index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(-1, *keys.shape[1:]))
         values.index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(-1, *keys.shape[1:]))
-        # (batch, width, kv, d) -> (batch, kv, width, d)
-        return keys[self.read_slots].transpose(1, 2), values[self.read_slots].transpose(1, 2)
+        return keys, values
 
     def advance(self, n: int) -> None:
         pass
@@ -248,24 +262,88 @@ class PagedDecodeView(PagedView):
         rows = len(tables)
         if rows > self.batch or max(starts) >= self.width:
             raise ValueError(f"{rows} rows up to {max(starts) + 1} tokens exceed this bucket")
-        device, size = self.tokens.device, self.cache.blocks.block_size
-        blocks = self.width // size
-        padded = torch.tensor([list(t) + [0] * (blocks - len(t)) for t in tables], device=device)
-        token = torch.arange(self.width, device=device)
-        start = torch.tensor(list(starts), device=device)
-        visible = token <= start[:, None]
-        slots = padded[:, token // size] * size + token % size
+        slots, visible, start = self._slots(tables, starts, self.width)
         self.read_slots.fill_(self.cache.scratch)
         self.read_slots[:rows] = torch.where(visible, slots, self.cache.scratch)
-        self.write_slots.fill_(self.cache.scratch)
-        self.write_slots[:rows] = slots.gather(1, start[:, None])[:, 0]
         self.attend.zero_()
         self.attend[:rows, 0, 0] = visible
         self.attend[rows:, 0, 0, 0] = True  # pad rows see the scratch slot: no all -inf row
+        self._feed(tokens, slots, start)
+
+    def _slots(
+        self, tables: Sequence[Sequence[int]], starts: Sequence[int], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's cache slots for positions 0..width-1 (rows, width), which of them it
+        sees (those up to its position), and the rows' positions."""
+        device, size = self.tokens.device, self.cache.blocks.block_size
+        blocks = -(-width // size)
+        padded = torch.tensor(
+            [list(t[:blocks]) + [0] * (blocks - len(t[:blocks])) for t in tables], device=device
+        )
+        token = torch.arange(width, device=device)
+        start = torch.tensor(list(starts), device=device)
+        return padded[:, token // size] * size + token % size, token <= start[:, None], start
+
+    def _feed(self, tokens: Sequence[int], slots: torch.Tensor, start: torch.Tensor) -> None:
+        """The real rows' tokens, positions and write slots; pad rows feed 0 into scratch."""
+        rows = len(start)
+        self.write_slots.fill_(self.cache.scratch)
+        self.write_slots[:rows] = slots.gather(1, start[:, None])[:, 0]
         self.tokens.zero_()
-        self.tokens[:rows, 0] = torch.tensor(list(tokens), device=device)
+        self.tokens[:rows, 0] = torch.tensor(list(tokens), device=self.tokens.device)
         self.positions.zero_()
         self.positions[:rows, 0] = start
+
+
+class PoolDecodeView(PagedDecodeView):
+    """`PagedDecodeView` whose attention reads the cache's whole slot pool, passed as every
+    row's keys and values (an expanded view, no copy), through a mask of each row's own slots:
+    herd's decode attention kernel lists a row's valid slots and reads only those. No row's
+    keys are gathered, and one graph serves every length, so the step compiles once per batch
+    bucket. For float32 CPU caches where the kernel is built (`pool_attention_applies`): any
+    other attention would read the whole pool."""
+
+    def __init__(self, cache: PagedKVCache, batch: int):
+        self.cache, self.batch = cache, batch
+        self.width = cache.scratch + 1
+        device = cache.keys[0].device
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.write_slots = torch.full((batch,), cache.scratch, device=device)
+        self.attend = torch.zeros(batch, 1, 1, self.width, dtype=torch.bool, device=device)
+        self.attend[:, 0, 0, cache.scratch] = True  # every row pads until filled
+
+    def fill(
+        self, tokens: Sequence[int], tables: Sequence[Sequence[int]], starts: Sequence[int]
+    ) -> None:
+        rows = len(tables)
+        if rows > self.batch:
+            raise ValueError(f"{rows} rows exceed this bucket of {self.batch}")
+        slots, visible, start = self._slots(tables, starts, max(starts) + 1)
+        # Positions a row does not see scatter False to the scratch slot, which no real row
+        # attends: a row's own slots are distinct, so each gets exactly its flag.
+        target = torch.where(visible, slots, self.cache.scratch)
+        self.attend.zero_()
+        self.attend[:rows, 0, 0].scatter_(1, target, visible)
+        self.attend[rows:, 0, 0, self.cache.scratch] = True
+        self._feed(tokens, slots, start)
+
+    def mask(self) -> torch.Tensor:
+        return self.attend
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # (slots, kv, d) -> (batch, kv, slots, d) without a copy
+        pool_k, pool_v = (t.permute(1, 0, 2)[None] for t in self.write(layer, k, v))
+        return pool_k.expand(self.batch, -1, -1, -1), pool_v.expand(self.batch, -1, -1, -1)
+
+
+def pool_attention_applies(cache: PagedKVCache) -> bool:
+    """Whether decode steps over `cache` can attend through its whole pool (`PoolDecodeView`):
+    herd's attention kernel built, float32 keys on the CPU."""
+    keys = cache.keys[0]
+    return keys.dtype == torch.float32 and kernels.available(keys.device)
 
 
 class CompiledPagedDecode:
@@ -276,15 +354,19 @@ class CompiledPagedDecode:
     def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int):
         self.model, self.cache, self.max_batch = model, cache, max_batch
         self.step = compiled_step(model)
+        self.pooled = pool_attention_applies(cache)
         self.views: dict[tuple[int, int], PagedDecodeView] = {}
 
     def buckets(self, rows: int, tokens: int) -> tuple[int, int]:
-        """The (batch, width) bucket for `rows` rows reading at most `tokens` tokens."""
+        """The (batch, width) bucket for `rows` rows reading at most `tokens` tokens; the width
+        is the whole pool's where attention reads it through a mask."""
         if not 0 < rows <= self.max_batch:
             raise ValueError(f"{rows} rows: this decoder takes 1 to {self.max_batch}")
+        batch = min(1 << (rows - 1).bit_length(), self.max_batch)
+        if self.pooled:
+            return batch, self.cache.scratch + 1
         size = self.cache.blocks.block_size
-        width = -(-slot_bucket(tokens) // size) * size
-        return min(1 << (rows - 1).bit_length(), self.max_batch), width
+        return batch, -(-slot_bucket(tokens) // size) * size
 
     def __call__(
         self, tokens: Sequence[int], tables: Sequence[Sequence[int]], starts: Sequence[int]
@@ -303,5 +385,9 @@ class CompiledPagedDecode:
 
     def _view(self, batch: int, width: int) -> PagedDecodeView:
         if (batch, width) not in self.views:
-            self.views[batch, width] = PagedDecodeView(self.cache, batch, width)
+            self.views[batch, width] = (
+                PoolDecodeView(self.cache, batch)
+                if self.pooled
+                else PagedDecodeView(self.cache, batch, width)
+            )
         return self.views[batch, width]

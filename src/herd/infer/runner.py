@@ -5,6 +5,9 @@ cache of a bucketed size and runs decode steps through the compiled step of herd
 Prompts of different lengths are left-padded to a common length so that every row writes the
 same cache slot each step. Each row keeps its own RoPE positions (0 at its first real token),
 and an attention mask hides the pad slots, so a row generates what it would generate alone.
+
+`SequenceRunner` and `CompiledSequenceRunner` serve speculative decoding: one sequence, fed a
+few tokens at a time at any cache position, forgetting what the cache held from there on.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from herd.infer.cache import KVCache, StaticKVCache
-from herd.infer.compile import compiled_step, slot_bucket
+from herd.infer.compile import KernelOps, compiled_feed, compiled_step, slot_bucket
 from herd.model import Transformer
 from herd.model.llama import causal_mask
 
@@ -80,7 +83,8 @@ class EagerRunner:
         """Logits after feeding `tokens` (batch,), the `step`-th new token of each row."""
         mask = self.batch.decode_mask(self.cache.length + 1)
         positions = self.batch.lengths[:, None] + step
-        return self.model(tokens[:, None], positions, mask, cache=self.cache)[:, -1]
+        with KernelOps():
+            return self.model(tokens[:, None], positions, mask, cache=self.cache)[:, -1]
 
 
 class CompiledRunner(EagerRunner):
@@ -126,3 +130,63 @@ class CompiledRunner(EagerRunner):
         self.next_slot += 1
         positions = self.batch.lengths[:, None] + step
         return self.step_fn(tokens[:, None], positions, self.valid, self.cache)
+
+
+class SequenceRunner:
+    """One sequence on a KV cache of `slots` slots, eager."""
+
+    def __init__(self, model: Transformer, slots: int):
+        self.model = model
+        self.cache = KVCache.for_model(model, 1, slots)
+
+    def prefill(self, prompt: Sequence[int]) -> torch.Tensor:
+        """The prompt's last-position logits (vocab,)."""
+        self.cache.reset()
+        tokens = torch.tensor([list(prompt)], device=self.cache.keys[0].device)
+        return self.model(tokens, cache=self.cache, last_only=True)[0, -1]
+
+    def feed(self, tokens: Sequence[int], start: int) -> torch.Tensor:
+        """Logits (len(tokens), vocab) after each of `tokens`, written at slots start.. (the
+        cache's content from `start` on is dropped)."""
+        self.cache.length = start
+        fed = torch.tensor([list(tokens)], device=self.cache.keys[0].device)
+        with KernelOps():  # a few rows stream each float32 weight once
+            return self.model(fed, cache=self.cache)[0]
+
+
+class CompiledSequenceRunner(SequenceRunner):
+    """`SequenceRunner` on a static cache of `slot_bucket` slots whose feeds run compiled: one
+    token through the decode step, more through `compiled_feed`, padded to `width` tokens so
+    that one graph serves them all (a graph of SmolLM2 takes ~50 s to compile on 2 cores)."""
+
+    def __init__(self, model: Transformer, slots: int, width: int):
+        self.model, self.width = model, width
+        # padding is written past the fed tokens: the cache holds room for it
+        self.cache = StaticKVCache.for_model(model, 1, slot_bucket(slots + width))
+        self.step_fn, self.feed_fn = compiled_step(model), compiled_feed(model)
+
+    def prefill(self, prompt: Sequence[int]) -> torch.Tensor:
+        """Eager, like `CompiledRunner.prefill`: one pass per request would compile per length."""
+        n, device = len(prompt), self.cache.keys[0].device
+        mask = torch.zeros(1, 1, n, self.cache.slots, dtype=torch.bool, device=device)
+        mask[0, 0, :, :n] = causal_mask(n, 0, device)
+        self.cache.write_slots = torch.arange(n, device=device)
+        tokens = torch.tensor([list(prompt)], device=device)
+        return self.model(tokens, self.cache.write_slots[None], mask, self.cache, last_only=True)[
+            0, -1
+        ]
+
+    def feed(self, tokens: Sequence[int], start: int) -> torch.Tensor:
+        n, device = len(tokens), self.cache.keys[0].device
+        if n > self.width:
+            raise ValueError(f"{n} tokens fed to a runner compiled for {self.width}")
+        width = 1 if n == 1 else self.width
+        slots = torch.arange(start, start + width, device=device)
+        # Row i sees the cache before `start` and the fed tokens up to its own; the padding
+        # rows come after the real ones, so none of these sees them.
+        mask = torch.arange(self.cache.slots, device=device) <= slots[:, None]
+        self.cache.write_slots = slots
+        fed = torch.tensor([[*tokens] + [tokens[-1]] * (width - n)], device=device)
+        if width == 1:
+            return self.step_fn(fed, slots[None], mask[None, None], self.cache)
+        return self.feed_fn(fed, slots[None], mask[None, None], self.cache)[0, :n]

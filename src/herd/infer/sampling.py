@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+NUCLEUS_CANDIDATES = (64, 1024)  # top-p looks for its nucleus among these many first
+SPARSE_DRAW = 8  # draw among the non-zero weights when they are under 1/8 of a row
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -82,12 +85,19 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     A token is kept when the mass strictly before it is < p, so the top token always is."""
     if p >= 1:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop_sorted = mass_before >= p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    # The nucleus is usually a few dozen tokens: find it among the top few candidates and sort
+    # the whole vocabulary only when they hold less than p (a full sort of 128K logits is
+    # ~10 ms on 2 cores, a fifth of a 1B decode step; top 64 is ~0.3 ms).
+    normaliser = logits.logsumexp(dim=-1, keepdim=True)
+    for candidates in (*NUCLEUS_CANDIDATES, logits.shape[-1]):
+        candidates = min(candidates, logits.shape[-1])
+        top, order = torch.topk(logits, candidates, dim=-1)  # sorted, largest first
+        probs = (top - normaliser).exp()
+        if candidates == logits.shape[-1] or bool((probs.sum(-1) >= p).all()):
+            break
+    keep_sorted = probs.cumsum(dim=-1) - probs < p
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
@@ -137,7 +147,26 @@ def sample(
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, params).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, generator)
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of non-negative `weights` (..., n), with probability proportional to
+    its weight: `torch.multinomial` over the row's non-zero entries in vocabulary order when
+    they are few (after top-p, usually a few dozen: ~0.1 ms where the whole 49K row takes
+    ~1.1 ms on 2 cores), over the whole row otherwise. multinomial's exponential race keeps a
+    seeded draw stable under rounding-sized changes of the weights (a batch recomputed after
+    preemption), which inverting a float32 cumulative sum over 128K tiny steps does not."""
+    rows = weights.reshape(-1, weights.shape[-1])
+    support = rows > 0
+    if int(support.sum(-1).max()) * SPARSE_DRAW > rows.shape[-1]:
+        picked = torch.multinomial(rows, 1, generator=generator).squeeze(-1)
+    else:
+        picked = torch.stack([
+            kept[torch.multinomial(row[kept], 1, generator=generator)[0]]
+            for row, kept in zip(rows, (s.nonzero().squeeze(-1) for s in support))
+        ])  # fmt: skip
+    return picked.reshape(weights.shape[:-1])
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

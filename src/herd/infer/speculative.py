@@ -20,11 +20,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from herd.infer.cache import KVCache
+from herd.infer.compile import KernelOps
 from herd.infer.generate import Step, penalty_state
-from herd.infer.sampling import SamplingParams, apply_penalties, filter_logits, token_logprobs
+from herd.infer.runner import CompiledSequenceRunner, SequenceRunner
+from herd.infer.sampling import (
+    SamplingParams,
+    apply_penalties,
+    draw,
+    filter_logits,
+    token_logprobs,
+)
 from herd.model import Transformer
 
 
@@ -68,11 +77,16 @@ class NgramDrafter:
 
     def propose(self, context, k, params, generator):
         context = list(context)
+        ids = np.asarray(context)
+        # Where an earlier n-gram can end: at a copy of the last token, before the last token.
+        # Vectorised, as the serving engine asks for every running sequence at every step.
+        ends = np.flatnonzero(ids[:-1] == ids[-1]) if len(context) > 1 else ids[:0]
         for n in range(min(self.max_n, len(context) - 1), self.min_n - 1, -1):
-            tail = context[-n:]
-            for start in range(len(context) - n - 1, -1, -1):
-                if context[start : start + n] == tail:
-                    return context[start + n : start + n + k], None
+            found = ends[ends >= n - 1]
+            for back in range(1, n):
+                found = found[ids[found - back] == ids[-1 - back]]
+            if found.size:
+                return context[found[-1] + 1 : found[-1] + 1 + k], None
         return [], None
 
     def rewind(self, length: int) -> None:
@@ -98,20 +112,23 @@ class ModelDrafter:
             return [], None
         device = self.model.tok_embeddings.weight.device
         new = torch.tensor([list(context[self.cache.length :])], device=device)
-        logits = self.model(new, cache=self.cache, last_only=True)[:, -1].float()
+        logits = self._next_logits(new)
         tokens, dists = [], []
         for i in range(k):
             if params.greedy:
                 token = int(logits.argmax(-1))
             else:
                 probs = filter_logits(logits, params).softmax(-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
+                token = int(draw(probs, generator))
                 dists.append(probs[0])
             tokens.append(token)
             if i + 1 < k:
-                step = torch.tensor([[token]], device=device)
-                logits = self.model(step, cache=self.cache)[:, -1].float()
+                logits = self._next_logits(torch.tensor([[token]], device=device))
         return tokens, (torch.stack(dists) if dists else None)
+
+    def _next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        with KernelOps():  # a few rows a pass: each float32 weight streamed once
+            return self.model(tokens, cache=self.cache, last_only=True)[:, -1].float()
 
     def rewind(self, length: int) -> None:
         assert self.cache is not None
@@ -138,21 +155,26 @@ def speculative_steps(
     logprobs: bool = False,
     k: int = 4,
     stats: SpeculationStats | None = None,
+    compile: bool = False,
 ) -> Iterator[Step]:
     """Yield up to `max_new_tokens` steps of one token for one prompt, as `decode_steps` does
-    for a batch of one, drafting `k` tokens a round."""
+    for a batch of one, drafting `k` tokens a round. compile: the target's passes after the
+    prompt run compiled (`CompiledSequenceRunner`)."""
     if max_new_tokens <= 0:
         return
     if k < 1:
         raise ValueError(f"the number of draft tokens must be >= 1, got {k}")
     stats = stats if stats is not None else SpeculationStats()
     device = model.tok_embeddings.weight.device
-    cache = KVCache.for_model(model, 1, len(prompt) + max_new_tokens + k)
+    slots = len(prompt) + max_new_tokens + k
+    target = (
+        CompiledSequenceRunner(model, slots, k + 1) if compile else SequenceRunner(model, slots)
+    )
     if isinstance(drafter, ModelDrafter):
-        drafter.start(len(prompt) + max_new_tokens + k)
+        drafter.start(slots)
     seen, counts = penalty_state([prompt], params, model.config.vocab_size, device)
     context = list(prompt)
-    rows = model(torch.tensor([context], device=device), cache=cache, last_only=True)[:, -1]
+    rows = target.prefill(context)[None]
     drafts: list[int] = []
     q = None
     emitted = 0
@@ -160,7 +182,7 @@ def speculative_steps(
         # rows[i] is the target's next-token logits before drafts[i]; rows[-1] follows them all
         for i, row in enumerate(rows):
             drafted = i < len(drafts)
-            token, kept = _judge(
+            token, kept = judge(
                 apply_penalties(row[None].float(), params, seen, counts),
                 drafts[i] if drafted else None,
                 q[i] if q is not None and drafted else None,
@@ -179,19 +201,18 @@ def speculative_steps(
                 break
         if emitted == max_new_tokens:
             return
-        # The target's cache holds the context but its last token; rewind past rejected drafts.
-        cache.length = len(context) - 1
+        # The target's cache holds the context but its last token; the feed overwrites
+        # whatever rejected drafts left after it.
         drafter.rewind(len(context) - 1)
         drafts, q = drafter.propose(
             context, min(k, max_new_tokens - emitted - 1), params, generator
         )
         stats.rounds += 1
         stats.drafted += len(drafts)
-        fed = torch.tensor([[context[-1], *drafts]], device=device)
-        rows = model(fed, cache=cache)[0]
+        rows = target.feed([context[-1], *drafts], len(context) - 1)
 
 
-def _judge(
+def judge(
     logits: torch.Tensor,
     draft: int | None,
     q: torch.Tensor | None,
@@ -205,7 +226,7 @@ def _judge(
         return best, draft is not None and best == draft
     p = filter_logits(logits, params).softmax(-1)[0]
     if draft is None:
-        return int(torch.multinomial(p, 1, generator=generator)), False
+        return int(draw(p, generator)), False
     q_draft = 1.0 if q is None else float(q[draft])
     u = float(torch.rand((), generator=generator, device=p.device))
     if u * q_draft < float(p[draft]):
@@ -215,4 +236,4 @@ def _judge(
         residual[draft] = 0
     if float(residual.sum()) <= 0:  # p == q: rejection had probability zero
         residual = p
-    return int(torch.multinomial(residual, 1, generator=generator)), False
+    return int(draw(residual, generator)), False

@@ -1,11 +1,12 @@
-"""Int4 weight-only linear layers: asymmetric, one scale and zero point per group of inputs."""
+"""Int4 linear layers: asymmetric weights, one scale and zero point per group of inputs; weight-only
+(int4) or with activations quantized to int8 as they arrive (w4a8)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from herd.quantize import kernels
+from herd import kernels
 from herd.quantize.base import KERNEL_DTYPE, DequantizingLinear
 
 INT4_LEVELS = 15
@@ -220,3 +221,50 @@ class Int4Linear(DequantizingLinear):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"group_size={self.group_size}"
         )
+
+
+# w4a8 quantizes activations per chunk of this many inputs (llama.cpp's Q8 block size).
+ACTIVATION_CHUNK = 32
+
+
+def quantize_activations(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> int8 codes (M, width) and float32 scales (M, width / 32), symmetric per
+    chunk of 32 inputs (zero-padded to `width`): x ≈ codes * scale. herd's w4a8 kernel does
+    the same float32 operations, so both paths see the same codes."""
+    m = x.shape[0]
+    chunks = F.pad(x.float(), (0, width - x.shape[1])).reshape(m, -1, ACTIVATION_CHUNK)
+    amax = chunks.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    codes = torch.round(chunks * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(m, width), amax / 127
+
+
+def dequantize_activations(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x as w4a8 sees it: quantized per 32 inputs and back, float32 (M, width)."""
+    codes, scales = quantize_activations(x, width)
+    m = x.shape[0]
+    return (codes.float().reshape(m, -1, ACTIVATION_CHUNK) * scales[..., None]).reshape(m, width)
+
+
+class W4A8Linear(Int4Linear):
+    """y = dequantized(x) @ dequantized(W).T: int4 weights as `Int4Linear`'s, times activations
+    quantized to int8 per chunk of 32 inputs as they arrive (`quantize_activations`), the
+    dynamic activation quantization of Llama 3.2's quantized releases and of llama.cpp's Q4
+    dot products.
+
+    CPU batches of up to `kernels.MAX_ROWS` rows run herd's byte-dot-product kernel (integer
+    products exact, the scaling in float32); larger batches and other devices compute the same
+    product from the dequantized tensors in float32.
+    """
+
+    method = "w4a8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if self.use_kernel and x2.shape[0] <= kernels.MAX_ROWS and kernels.available(x.device):
+            y = kernels.w4a8_mm(x2, self.qweight, self.scales, self.zeros, self.group_size)
+        else:
+            kp = padded_in_features(k, self.group_size)
+            y = F.linear(dequantize_activations(x2, kp)[:, :k], self.dequantize())
+        return y.reshape(*lead, self.out_features).to(x.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from herd.quantize import kernels
+from herd import kernels
 from herd.quantize.base import KERNEL_DTYPE, DequantizingLinear
 
 INT8_MAX = 127
@@ -43,7 +43,7 @@ class Int8Linear(DequantizingLinear):
     """y = x @ (q * scale).T, returned in x's dtype.
 
     By default (`use_kernel`, see `set_kernels`) CPU batches of up to `kernels.MAX_ROWS` rows go
-    through herd's own kernel (`herd.quantize.kernels`): float32 activations, each int8 weight
+    through herd's own kernel (`herd.kernels`): float32 activations, each int8 weight
     widened in registers, one pass over the weight. Where that kernel is not built they go
     through torch's `_weight_int8pack_mm` with activations and scales rounded to bfloat16 (it
     vectorises only for 16-bit activations). Larger batches (prefill), and other devices,
@@ -103,16 +103,20 @@ def _has_int_mm(device: torch.device) -> bool:
 class W8A8Linear(Int8Linear):
     """Int8 weights (one scale per output channel) times int8 activations, quantized per token
     as they arrive (symmetric, one scale per row): the dynamic activation quantization of
-    Llama 3.2's quantized releases. The integer products accumulate in int32 through
-    `torch._int_mm` (`use_kernel`, where it exists); otherwise in float32, which is exact
-    while a row's sum of products stays under 2**24."""
+    Llama 3.2's quantized releases. The integer products accumulate in int32 (`use_kernel`):
+    through herd's byte-dot-product kernel for CPU batches of up to `kernels.MAX_ROWS` rows,
+    else `torch._int_mm` where it exists; otherwise in float32, which is exact while a row's
+    sum of products stays under 2**24."""
 
     method = "w8a8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         xq, x_scales = quantize_int8(x.reshape(-1, k))
-        if self.use_kernel and _has_int_mm(x.device):
+        small = xq.shape[0] <= kernels.MAX_ROWS
+        if self.use_kernel and small and kernels.available(x.device):
+            products = kernels.int8_int8_mm(xq, self.qweight).float()
+        elif self.use_kernel and _has_int_mm(x.device):
             products = torch._int_mm(xq, self.qweight.t()).float()
         else:
             products = xq.float() @ self.qweight.float().t()

@@ -13,8 +13,10 @@ from torch import nn
 from herd.config import ModelConfig
 from herd.model import Transformer
 from herd.quantize.core import (
+    GROUPED,
     METHODS,
     check_method,
+    inner_feed_forwards,
     quantization_targets,
     quantized_modules,
     set_submodule,
@@ -32,18 +34,20 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     and head_method, its output head's method."""
     layers = dict(quantized_modules(model))
     head = layers.pop("output", None)
-    if not layers or head is None:
+    ffn_only = head is None and set(layers) == set(inner_feed_forwards(model))
+    if not layers or (head is None and not ffn_only):
         raise ValueError("the model is not fully quantized; call quantize_model first")
     methods = {m.method for m in layers.values()}
-    if len(methods) != 1:
+    if len(methods) != 1 or (ffn_only and methods != {"fp8"}):
         raise ValueError(f"mixed quantization methods are not supported: {sorted(methods)}")
     first = next(iter(layers.values()))
-    config: dict[str, Any] = {"method": first.method, "group_size": None}
+    method = "fp8-mixed" if ffn_only else first.method
+    config: dict[str, Any] = {"method": method, "group_size": None}
     if isinstance(first, Int4Linear):
         config["group_size"] = first.group_size
     if isinstance(first, Fp8Linear):
         config["activation_scale_ub"] = first.activation_scale_ub
-    config["head_method"] = head.method
+    config["head_method"] = None if head is None else head.method
     return config
 
 
@@ -75,8 +79,8 @@ def _quantized_from_state(
     )
     if method in ("int8", "w8a8"):
         return METHODS[method](tensor("qweight"), tensor("scales"))
-    if method == "int4":
-        return Int4Linear(
+    if method in GROUPED:
+        return METHODS[method](
             tensor("qweight"),
             tensor("scales"),
             tensor("zeros"),
@@ -99,7 +103,7 @@ def load_quantized(directory: str | Path) -> Transformer:
     state = load_file(directory / WEIGHTS_FILE)
     with torch.device("meta"):
         model = Transformer(config)
-    for name, weight in list(quantization_targets(model)):
+    for name, weight in list(quantization_targets(model, qconfig["method"])):
         set_submodule(model, name, _quantized_from_state(name, weight, state, qconfig))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from herd.quantize.core import METHODS
+from herd.quantize.core import GROUPED, METHODS
 from herd.quantize.int4 import DEFAULT_GROUP_SIZE
 
 
@@ -66,11 +66,12 @@ class PrecisionResult:
 
 
 def parse_spec(spec: str) -> tuple[str, int]:
-    """'fp32', 'bf16', 'int8', 'w8a8', 'fp8', or 'int4' with an optional group size: 'int4-g64'."""
+    """'fp32', 'bf16', 'int8', 'w8a8', 'fp8', 'fp8-mixed', or 'int4'/'w4a8' with an optional
+    group size: 'int4-g64'."""
     method, _, group = spec.partition("-g")
-    if method not in ("fp32", "bf16", *METHODS) or (group and method != "int4"):
+    if method not in ("fp32", "bf16", *METHODS) or (group and method not in GROUPED):
         names = ", ".join(("fp32", "bf16", *METHODS))
-        raise ValueError(f"unknown precision {spec!r}: use {names} (int4 takes -gN)")
+        raise ValueError(f"unknown precision {spec!r}: use {names} (int4 and w4a8 take -gN)")
     return method, int(group) if group else DEFAULT_GROUP_SIZE
 
 

@@ -3,7 +3,11 @@
 Every iteration the scheduler admits waiting sequences while the batch and the cache have
 room, runs one prefill chunk (at most `prefill_chunk` prompt tokens of one sequence, so long
 prompts never stall the others for long), then one decode step for every sequence that has
-a token to feed. Finished and cancelled sequences leave at once and give their blocks back.
+a token to feed. With prompt-lookup speculation (`draft="ngram"`) a decode step feeds each
+sequence its last token and the tokens that followed the latest earlier occurrence of its
+final n-gram, and keeps the drafts the model agrees with by the rule of
+`herd.infer.speculative` (greedy output unchanged, sampled output the model's distribution).
+Finished and cancelled sequences leave at once and give their blocks back.
 When a sequence needs a block and none is free, the youngest running sequence is preempted:
 its blocks are freed and it waits to be recomputed from its prompt and the tokens it has
 already produced (its output so far stands). Requests arrive and results leave through
@@ -18,16 +22,22 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from herd.adapters.lora import MultiLoRALinear, select_adapters
+from herd.infer.compile import KernelOps
 from herd.infer.paged import CompiledPagedDecode, OutOfBlocks, PagedKVCache
 from herd.infer.parallel import local_kv_heads
-from herd.infer.sampling import SamplingParams, sample, token_logprobs
+from herd.infer.sampling import SamplingParams, apply_penalties, sample, token_logprobs
+from herd.infer.speculative import NgramDrafter, SpeculationStats, judge
 from herd.infer.text import GeneratedText
 from herd.model import Transformer
 from herd.tokenizer import Tokenizer
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,8 @@ class Engine:
         cache_bytes: int = 512 * 2**20,
         preempt: bool = True,
         compile_batch: int = 0,
+        draft: str | None = None,
+        draft_tokens: int = 4,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -143,12 +155,20 @@ class Engine:
                 f"({needed * per_block / 2**20:.0f} MiB) or a smaller max_seq_len"
             )
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
-        # Decode steps of up to compile_batch sequences run compiled; larger batches run eager,
-        # where BLAS's batched matmuls beat inductor's on CPUs (README, Serving). Adapters switch
-        # per request, so they stay eager.
+        # Decode steps of up to compile_batch sequences run compiled (a graph per batch
+        # bucket), larger batches eager. Adapters switch per request, so they stay eager.
         self.compiled = None
         if compile_batch > 0 and not self.adapters:
             self.compiled = CompiledPagedDecode(model, self.cache, min(compile_batch, max_batch))
+        if draft not in (None, "ngram"):
+            raise ValueError(
+                f"the engine drafts by prompt lookup only: draft='ngram', not {draft!r}"
+            )
+        if draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+        self.drafter = NgramDrafter() if draft == "ngram" else None
+        self.draft_tokens = draft_tokens
+        self.speculation = SpeculationStats()
         self.stats = EngineStats()
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: list[_Sequence] = []
@@ -223,6 +243,18 @@ class Engine:
             for seq in self._waiting + self._running:
                 self._finish(seq, "error")
             raise
+
+    def run_until_done(self) -> None:
+        """Run the loop in the calling thread until no request waits or runs, for offline
+        batch jobs on an engine that was not started: their torch work stays in the thread
+        that loaded the model (see `in_passing_thread`). Errors propagate."""
+        if self._thread is not None:
+            raise RuntimeError("the engine runs in its own thread: wait for its events instead")
+        with torch.inference_mode():
+            while not self.idle():
+                self._drain(block=False)
+                self._admit()
+                self._step()
 
     def _drain(self, block: bool) -> None:
         while True:
@@ -310,7 +342,10 @@ class Engine:
         if prefill is not None:
             self._forward([prefill], min(prefill.pending, self.prefill_chunk))
         decode = [s for s in self._running if s.pending == 1]
-        if decode:
+        drafts = [self._draft(s) for s in decode] if self.drafter else []
+        if any(drafts):
+            self._speculate(decode, drafts)
+        elif decode:
             self._forward(decode, 1)
 
     # ------------------------------------------------------------------ one forward pass
@@ -323,14 +358,73 @@ class Engine:
         starts = [s.computed for s in seqs]
         tokens = [s.tokens[s.computed : s.computed + new] for s in seqs]
         logits = self._run(tokens, tables, starts, [s.request.adapter for s in seqs])
-        self.stats.steps += 1
-        self.stats.last_batch = len(seqs)
-        self.stats.batched_sequences += len(seqs)
+        self._count_pass(len(seqs))
         for row, seq in enumerate(seqs):
             seq.computed += new
             self._name_blocks(seq)
             if seq.pending == 0:  # its last token's logits give the next token
                 self._emit(seq, logits[row, -1])
+
+    def _count_pass(self, rows: int) -> None:
+        self.stats.steps += 1
+        self.stats.last_batch = rows
+        self.stats.batched_sequences += rows
+
+    def _draft(self, seq: _Sequence) -> list[int]:
+        """Up to `draft_tokens` prompt-lookup drafts to follow seq's tokens, leaving room in its
+        budget for the token the target adds to every round."""
+        generated = len(seq.tokens) - len(seq.request.prompt)
+        room = min(self.draft_tokens, seq.request.max_tokens - generated - 1)
+        if room <= 0:
+            return []
+        return self.drafter.propose(seq.tokens, room, seq.request.params, seq.generator)[0]
+
+    def _speculate(self, seqs: list[_Sequence], drafts: list[list[int]]) -> None:
+        """One pass feeding every decoding sequence its last token and its drafts (rows padded
+        to the longest with repeats of the last token, whose outputs are never read), then
+        each row's tokens judged left to right until one is rejected or the row finishes."""
+        # Padding must stay inside every row's window and budget, so a row near its end
+        # shortens the round for all.
+        room = min(self._last_position(s) - s.computed + 1 for s in seqs)
+        width = min(1 + max(len(d) for d in drafts), room)
+        draft_of = {id(s): d[: width - 1] for s, d in zip(seqs, drafts)}
+        seqs = self._reserve(seqs, width)
+        if not seqs:
+            return
+        rows = [[s.tokens[-1], *draft_of[id(s)]] for s in seqs]
+        if self.compiled and sum(map(len, rows)) <= self.compiled.max_batch:
+            logits = self._verify_compiled(seqs, rows)
+        else:
+            tokens = [r + r[:1] * (width - len(r)) for r in rows]
+            tables, starts = [s.table for s in seqs], [s.computed for s in seqs]
+            logits = self._run(tokens, tables, starts, [s.request.adapter for s in seqs], False)
+        self._count_pass(len(seqs))
+        self.speculation.rounds += 1
+        for row, seq in enumerate(seqs):
+            drafted = draft_of[id(seq)]
+            self.speculation.drafted += len(drafted)
+            for i in range(len(drafted) + 1):
+                seq.computed += 1  # the token fed at this position is context now
+                self._name_blocks(seq)
+                draft = drafted[i] if i < len(drafted) else None
+                kept = self._emit(seq, logits[row, i], draft)
+                self.speculation.accepted += kept
+                if not kept or seq not in self._running:
+                    break
+
+    def _verify_compiled(self, seqs: list[_Sequence], rows: list[list[int]]) -> torch.Tensor:
+        """The round through the compiled decode step, every fed token a row of its own at its
+        own position: a step writes all rows' keys and values before any row attends, so each
+        sees the tokens before it. Returns (sequences, width, vocab), unused positions 0."""
+        out = self.compiled(
+            [token for row in rows for token in row],
+            [s.table for s, row in zip(seqs, rows) for _ in row],
+            [s.computed + i for s, row in zip(seqs, rows) for i in range(len(row))],
+        )
+        return pad_sequence(out.split([len(row) for row in rows]), batch_first=True)
+
+    def _last_position(self, seq: _Sequence) -> int:
+        return min(self.max_seq_len, len(seq.request.prompt) + seq.request.max_tokens) - 1
 
     def _run(
         self,
@@ -338,22 +432,25 @@ class Engine:
         tables: list[list[int]],
         starts: list[int],
         adapters: list[int | None],
+        last_only: bool = True,
     ) -> torch.Tensor:
-        """Logits (rows, new, vocab) after row b feeds tokens[b] from position starts[b] on,
-        through block table tables[b]."""
+        """Logits (rows, new or 1, vocab) after row b feeds tokens[b] from position starts[b]
+        on, through block table tables[b]: the last position's, or with last_only=False
+        every position's."""
         if len(tokens[0]) == 1 and self.compiled and len(tokens) <= self.compiled.max_batch:
             return self.compiled([t[0] for t in tokens], tables, starts)[:, None]
         view = self.cache.view(tables, starts, len(tokens[0]))
         device = self.model.tok_embeddings.weight.device
         if self.adapters:
             select_adapters(self.model, adapters)
-        return self.model(
-            torch.tensor(tokens, device=device),
-            view.positions,
-            view.mask(),
-            cache=view,
-            last_only=True,
-        )
+        with KernelOps():
+            return self.model(
+                torch.tensor(tokens, device=device),
+                view.positions,
+                view.mask(),
+                cache=view,
+                last_only=last_only,
+            )
 
     def _reserve(self, seqs: list[_Sequence], new: int) -> list[_Sequence]:
         """Blocks for `new` more tokens of each sequence, preempting the youngest running
@@ -394,11 +491,19 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling and output
 
-    def _emit(self, seq: _Sequence, logits: torch.Tensor) -> None:
+    def _emit(self, seq: _Sequence, logits: torch.Tensor, draft: int | None = None) -> bool:
+        """Choose seq's next token from its logits, or judge `draft` against them, and hand it
+        out; returns whether the draft was kept."""
         request = seq.request
         logits = logits.float()[None]
         seen, counts = self._penalty_state(seq, logits.shape[-1])
-        token = sample(logits, request.params, seq.generator, seen, counts)
+        kept = False
+        if draft is None:
+            token = sample(logits, request.params, seq.generator, seen, counts)
+        else:
+            penalised = apply_penalties(logits, request.params, seen, counts)
+            chosen, kept = judge(penalised, draft, None, request.params, seq.generator)
+            token = torch.tensor([chosen])
         token_id = int(token[0])
         logprob = top = None
         if request.logprobs:
@@ -417,6 +522,7 @@ class Engine:
             self._running.remove(seq)
             self._release(seq)
             self._finish(seq, seq.text.finish_reason)
+        return kept
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         event = Event(seq.request.id, seq.index, seq.text.pending(), None, finish_reason=reason)
@@ -434,6 +540,33 @@ class Engine:
         return seq.seen, seq.counts
 
 
+def in_passing_thread(fn: Callable[[], T]) -> T:
+    """fn()'s result (or exception), computed in a thread that ends when fn returns.
+
+    GNU OpenMP, torch's CPU thread pool, keeps a team of workers for every thread that has run
+    a parallel region, and once the teams outnumber the cores their workers stop spinning
+    between regions and sleep, so every parallel region (each kernel call, each compiled step)
+    pays a wake-up. A server that loaded its model in the main thread and decodes in the engine
+    thread has two teams: measured on 2 cores, a 1536x576 float32 product took 70 us instead of
+    26 and a SmolLM2 decode step 49 ms instead of 30. Loading, quantizing and compiling in a
+    passing thread leaves the engine thread the only team."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append((True, fn()))
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            result.append((False, error))
+
+    thread = threading.Thread(target=run, name="herd-setup", daemon=True)  # Ctrl-C exits
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
 def _cache_root(seq: _Sequence) -> tuple[str, int] | None:
     """Where a sequence's chain of prefix-block names starts: one chain per adapter."""
     return None if seq.request.adapter is None else ("adapter", seq.request.adapter)
@@ -444,9 +577,10 @@ def run_to_completion(
     requests: Sequence[Request],
     on_finish: Callable[[Event], None] | None = None,
 ) -> dict[str, list[list[Event]]]:
-    """Submit `requests` to a started engine and wait for all of them: each request's events,
-    per choice. on_finish(event) is called (from the engine thread) as each choice ends, for
-    progress bars. For tests and offline batch jobs."""
+    """Submit `requests` and wait for all of them: each request's events, per choice.
+    on_finish(event) is called as each choice ends, for progress bars. A started engine runs
+    them in its thread; one that was not started runs them in this one (`run_until_done`), as
+    offline batch jobs do."""
     done = threading.Semaphore(0)
     events: dict[str, list[list[Event]]] = {r.id: [[] for _ in range(r.n)] for r in requests}
     for request in requests:
@@ -460,6 +594,8 @@ def run_to_completion(
 
         request.on_event = on_event
         engine.submit(request)
+    if engine._thread is None:
+        engine.run_until_done()
     for request in requests:
         for _ in range(request.n):
             done.acquire()

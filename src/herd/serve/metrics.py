@@ -31,6 +31,11 @@ class _EngineCollector:
                 "Sequences summed over forward passes (/ passes = mean batch size).",
                 stats.batched_sequences,
             ),
+            "herd_draft_tokens": ("Tokens drafted by prompt lookup.", e.speculation.drafted),
+            "herd_accepted_draft_tokens": (
+                "Drafted tokens the model kept.",
+                e.speculation.accepted,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

@@ -25,6 +25,8 @@ class TensorParallelEngine(Engine):
     def __init__(self, model, tokenizer, **kwargs):
         if kwargs.get("compile_batch"):
             raise ValueError("compiled decoding is not supported with tensor parallelism yet")
+        if kwargs.get("draft"):
+            raise ValueError("speculative decoding is not supported with tensor parallelism yet")
         super().__init__(model, tokenizer, **kwargs)
         if self.adapters:
             raise ValueError("adapters are not supported with tensor parallelism")

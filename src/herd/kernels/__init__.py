@@ -1,13 +1,18 @@
-"""herd's own CPU kernels for int8 and int4 weight-only products at decode batch sizes
-(`cpu_kernels.cpp`): float32 activations, weights widened in registers, AVX-512 or AVX2 picked
-at run time.
+"""herd's own CPU kernels for the decode step, AVX-512 or AVX2 picked at run time:
+
+- int8 and int4 weight-only products at decode batch sizes (`quantized_mm.cpp`): float32
+  activations, weights widened in registers; and w4a8, int4 weights times activations
+  quantized to int8 per 32 inputs, and w8a8's int8 x int8 products, both as byte dot
+  products (AVX-512 VNNI or AVX2);
+- one-query attention over a static KV cache that reads only the valid slots
+  (`attention.cpp`).
 
 The extension is compiled with torch's C++ extension builder (a C++ compiler and ninja are
 needed) by `make install` (`kernels.main()`), or on first use, and cached
 under torch's extension directory; torch rebuilds it when the source changes. Where it cannot
 be built the layers fall back to torch's own kernels, with one warning.
 
-    python -c "from herd.quantize import kernels; kernels.main()"   # build now, print the ISA
+    python -c "from herd import kernels; kernels.main()"   # build now, print the ISA
 """
 
 from __future__ import annotations
@@ -20,10 +25,15 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("quantized_mm.cpp", "float_mm.cpp", "attention.cpp")
+]
 # Batches up to this many rows run herd's kernels; larger ones (prefill) dequantize once and
 # multiply in float32, where the GEMM's blocking beats streaming the weight per row tile.
 MAX_ROWS = 8
+# float32 products stream a weight four times as large per row: herd's kernel stays ahead of
+# torch's GEMM further (1.3-2.2x at 32 rows on SmolLM2's shapes, benchmarks/kernels.py).
+FLOAT_MAX_ROWS = 32
 DISABLE_ENV = "HERD_NO_CPU_KERNELS"
 
 
@@ -45,7 +55,7 @@ def _build() -> bool:
 
         build(
             name="herd_cpu_kernels",
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
@@ -54,8 +64,9 @@ def _build() -> bool:
     except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as error:
         lines = str(error).strip().splitlines()
         warnings.warn(
-            f"herd's int8/int4 CPU kernels could not be built ({type(error).__name__}: "
-            f"{lines[-1] if lines else ''}); quantized layers use torch's kernels instead. "
+            f"herd's CPU kernels could not be built ({type(error).__name__}: "
+            f"{lines[-1] if lines else ''}); quantized layers and decode attention use torch's "
+            "kernels instead. "
             "Install a C++ compiler and ninja to build them.",
             stacklevel=3,
         )
@@ -76,6 +87,12 @@ def isa() -> str:
     return torch.ops.herd_cpu.isa() if load() else "none"
 
 
+def float_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(M, K) float32 @ (N, K) float32 weight.T -> (M, N) float32, for M up to a few dozen
+    rows (`FLOAT_MAX_ROWS`)."""
+    return torch.ops.herd_cpu.float_mm(x, weight)
+
+
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """(M, K) float32 @ dequantized (N, K) int8 weight.T -> (M, N) float32."""
     return torch.ops.herd_cpu.int8_mm(x.float(), qweight, scales)
@@ -93,7 +110,38 @@ def int4_mm(
     return torch.ops.herd_cpu.int4_mm(x.float(), packed, scales, zeros, group_size)
 
 
+def int8_int8_mm(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 activations in [-127, 127] @ (N, K) int8 weight.T -> exact (M, N) int32,
+    `torch._int_mm`'s result."""
+    return torch.ops.herd_cpu.int8_int8_mm(xq, qweight)
+
+
+def w4a8_mm(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """(M, K) float32, quantized to int8 per 32 inputs as herd.quantize.int4's
+    `quantize_activations` does, @ dequantized int4 weight.T (as `int4_mm` takes it) -> (M, N)
+    float32."""
+    return torch.ops.herd_cpu.w4a8_mm(x.float(), packed, scales, zeros, group_size)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """q (B, H, 1, D) over the slots of k, v (B, KV, S, D) that `valid` (B or 1, ..., S) marks,
+    grouped-query heads by position (head h reads key/value head h // (H // KV)); float32."""
+    return torch.ops.herd_cpu.decode_attention(q, k, v, valid, q.shape[-1] ** -0.5)
+
+
 def _register_fakes() -> None:
+    @torch.library.register_fake("herd_cpu::float_mm")
+    def _(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
     @torch.library.register_fake("herd_cpu::int8_mm")
     def _(x, qweight, scales):
         return x.new_empty(x.shape[0], qweight.shape[0])
@@ -101,6 +149,18 @@ def _register_fakes() -> None:
     @torch.library.register_fake("herd_cpu::int4_mm")
     def _(x, packed, scales, zeros, group_size):
         return x.new_empty(x.shape[0], packed.shape[0])
+
+    @torch.library.register_fake("herd_cpu::int8_int8_mm")
+    def _(xq, qweight):
+        return xq.new_empty(xq.shape[0], qweight.shape[0], dtype=torch.int32)
+
+    @torch.library.register_fake("herd_cpu::w4a8_mm")
+    def _(x, packed, scales, zeros, group_size):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
+    @torch.library.register_fake("herd_cpu::decode_attention")
+    def _(q, k, v, valid, scale):
+        return q.new_empty(q.shape)
 
 
 def main() -> None:
