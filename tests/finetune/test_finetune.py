@@ -25,6 +25,7 @@ from herd.finetune.tasks import unit_conversions, write_dialogs
 from herd.finetune.trainer import FineTuner, load_finetuned
 
 STEPS = 5
+SMOLLM2_STEPS = 3  # two updates of the 135M model; its steps are the suite's slowest
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +139,7 @@ def template_rows(tokenizer, messages: list[list[dict]]) -> list[tuple[list[int]
 
 
 def assert_close(got: list[float], want: list[float], rel: float = 1e-5) -> None:
-    assert len(got) == len(want) == STEPS
+    assert len(got) == len(want) >= SMOLLM2_STEPS
     assert got[-1] < got[0]  # it learns
     for step, (a, b) in enumerate(zip(got, want), 1):
         assert abs(a - b) <= rel * abs(b), f"step {step}: herd {a} vs transformers {b}"
@@ -165,7 +166,7 @@ def test_sft_losses_equal_transformers_on_smollm2(
         smollm2_path,
         path,
         tmp_path / "run",
-        optim={"lr": 1e-5, "warmup_steps": 5},
+        optim={"lr": 1e-5, "warmup_steps": 5, "steps": SMOLLM2_STEPS},
         batch={"seq_len": 256, "micro_batch_size": 2},
     )
     got, trainer = herd_losses(raw)
@@ -173,7 +174,9 @@ def test_sft_losses_equal_transformers_on_smollm2(
     # Warmup as the paper's SFT has it: Adam's first update is about lr * sign(gradient), so a
     # full-LR first step turns float rounding in near-zero gradients into 1e-5 loss differences
     rows = template_rows(smollm2_transformers_tokenizer, messages)
-    want = reference_losses(copy.deepcopy(smollm2_transformers), rows, STEPS, lr=1e-5, warmup=5)
+    want = reference_losses(
+        copy.deepcopy(smollm2_transformers), rows, SMOLLM2_STEPS, lr=1e-5, warmup=5
+    )
     assert_close(got, want)
 
 
