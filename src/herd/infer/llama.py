@@ -43,8 +43,8 @@ class Llama:
     vocabulary, "ngram" for prompt lookup, or any `Drafter`; `draft_tokens` are proposed per
     round, and `speculation` counts what was drafted and accepted. It decodes one prompt at a
     time (with compile, the model's passes after the prompt run compiled: the decode step, and
-    a pass over draft_tokens + 1 tokens padded to that width); the output is what the model alone would give (greedy: the same tokens;
-    sampled: the same distribution).
+    a pass over draft_tokens + 1 tokens padded to that width); the output is what the model
+    alone would give (greedy: the same tokens; sampled: the same distribution).
     """
 
     def __init__(
